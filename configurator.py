@@ -1,0 +1,103 @@
+"""Config overrides shared by every script, nanoGPT style.
+
+A script declares its settings as plain module-level globals (int, float, bool, str, list,
+tuple or None) and calls
+
+    cfg = configurator.configure(globals(), sys.argv[1:], __doc__)
+
+Arguments are applied left to right:
+    path/to/config.py   executed; its settings apply. One experiment file (configs/*.py) serves
+                        every stage, so a name that belongs to another stage's script is skipped
+                        here, and a name that no stage knows is an error.
+    --key=value         value parsed with ast.literal_eval (bare words stay strings)
+    --help              prints the script's docstring and its settings, then exits
+
+Unknown keys and wrong types are errors, so a typo never silently trains the wrong thing.
+An int is accepted where the default is a float; a setting whose default is None takes any value.
+"""
+import ast
+import os
+import sys
+from types import SimpleNamespace
+
+_PLAIN_TYPES = (bool, int, float, str, list, tuple, type(None))
+_STAGES = ("prepare.py", "train.py", "evaluate.py")  # the scripts that read configs/*.py
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def defaults(namespace):
+    """The settings of a module: its public globals of plain types, in definition order."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, _PLAIN_TYPES)}
+
+
+def _settings_of_stages():
+    """Setting names of every stage script, read from their top-level assignments (no import)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = set()
+    for script in _STAGES:
+        path = os.path.join(here, script)
+        if os.path.exists(path):
+            tree = ast.parse(open(path).read(), path)
+            names |= {t.id for node in tree.body if isinstance(node, ast.Assign)
+                      for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")}
+    return names
+
+
+def _check(key, value, default_values, source):
+    if key not in default_values:
+        close = [k for k in default_values if k.split("_")[0] == key.split("_")[0]]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"{source}: unknown setting '{key}'{hint}")
+    default = default_values[key]
+    if default is None:
+        return value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"{source}: '{key}' must be {type(default).__name__} "
+                          f"like its default {default!r}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as --device=cuda
+
+
+def configure(namespace, argv, doc=""):
+    """Apply config files and --key=value overrides to a copy of the module's defaults."""
+    default_values = defaults(namespace)
+    values = dict(default_values)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print((doc or "").strip() + "\n\nSettings (defaults):")
+            for k, v in default_values.items():
+                print(f"  --{k}={v!r}")
+            sys.exit(0)
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"'{arg}': overrides are written --key=value")
+            values[key] = _check(key, _parse_value(text), default_values, arg)
+        else:
+            try:
+                source = open(arg).read()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file '{arg}': {e.strerror}") from None
+            scope = {}
+            exec(compile(source, arg, "exec"), scope)
+            for key, value in scope.items():
+                if key.startswith("_") or not isinstance(value, _PLAIN_TYPES):
+                    continue
+                if key not in default_values and key in _settings_of_stages():
+                    continue  # another stage's setting
+                values[key] = _check(key, value, default_values, arg)
+    return SimpleNamespace(**values)

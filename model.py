@@ -1,0 +1,404 @@
+"""Our own forward pass for GPT-NeoX (all Pythia sizes) and Gemma-2, read from a Hugging Face folder.
+
+One Transformer class covers both architectures; they differ only in Config fields. Every numerical
+choice mirrors transformers' GPTNeoXForCausalLM / Gemma2ForCausalLM (hub facts in
+shared/reference/models.md); tests/test_model.py checks logits and every layer against transformers.
+
+    import model
+    m = model.load("data/tiny/model")          # config.json + *.safetensors, never pickle
+    logits = m(idx, attention_mask)            # (B, T, vocab); attention_mask 1 = real, right padding
+    x = m.resid_post(idx, 8)                   # residual after block 8 = HF hidden_states[9]
+    logits = m.forward_from(x_hat, 8)          # finish the forward from a replaced residual
+    keep = m.valid_mask(idx, attention_mask)   # False at BOS/EOS/pad ids and at padding
+"""
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+_ARCHITECTURES = {"GPTNeoXForCausalLM": "gpt_neox", "Gemma2ForCausalLM": "gemma2"}
+_GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}  # HF activation name -> F.gelu(approximate=)
+# Buffers that older GPT-NeoX checkpoints saved; we recompute masks and rotary angles instead.
+_SKIPPED_BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+_HINT = "run `python prepare.py --model=...` to download or build the model folder"
+_HF_MODULES = {  # our module -> HF module (checkpoint tensor names without .weight / .bias)
+    "gpt_neox": {
+        "embed": "gpt_neox.embed_in", "ln_f": "gpt_neox.final_layer_norm", "head": "embed_out",
+        "blocks.{i}.ln_attn": "gpt_neox.layers.{i}.input_layernorm",
+        "blocks.{i}.attn.qkv": "gpt_neox.layers.{i}.attention.query_key_value",
+        "blocks.{i}.attn.out": "gpt_neox.layers.{i}.attention.dense",
+        "blocks.{i}.ln_mlp": "gpt_neox.layers.{i}.post_attention_layernorm",
+        "blocks.{i}.mlp.up": "gpt_neox.layers.{i}.mlp.dense_h_to_4h",
+        "blocks.{i}.mlp.down": "gpt_neox.layers.{i}.mlp.dense_4h_to_h"},
+    "gemma2": {
+        "embed": "model.embed_tokens", "ln_f": "model.norm", "head": "lm_head",
+        "blocks.{i}.ln_attn": "model.layers.{i}.input_layernorm",
+        "blocks.{i}.attn.qkv": tuple(f"model.layers.{{i}}.self_attn.{x}_proj" for x in "qkv"),
+        "blocks.{i}.attn.out": "model.layers.{i}.self_attn.o_proj",
+        "blocks.{i}.ln_attn_out": "model.layers.{i}.post_attention_layernorm",
+        "blocks.{i}.ln_mlp": "model.layers.{i}.pre_feedforward_layernorm",
+        "blocks.{i}.mlp.gate": "model.layers.{i}.mlp.gate_proj",
+        "blocks.{i}.mlp.up": "model.layers.{i}.mlp.up_proj",
+        "blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
+        "blocks.{i}.ln_mlp_out": "model.layers.{i}.post_feedforward_layernorm"},
+}
+
+
+@dataclass
+class Config:
+    arch: str                           # "gpt_neox" | "gemma2"
+    n_layer: int
+    d_model: int
+    n_head: int
+    n_kv_head: int                      # < n_head: grouped-query attention (Gemma-2)
+    head_dim: int
+    d_mlp: int
+    vocab_size: int
+    norm_eps: float
+    rotary_dim: int                     # Pythia rotates only the first rotary_pct of each head
+    rope_theta: float
+    gelu_approximate: str               # "none": exact erf GELU (Pythia); "tanh" (Gemma-2)
+    attn_scale: float                   # head_dim**-0.5; Gemma-2: query_pre_attn_scalar**-0.5
+    attn_bias: bool = True
+    parallel_residual: bool = False     # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    tied_embeddings: bool = False
+    attn_softcap: float | None = None   # Gemma-2: scores -> tanh(scores / cap) * cap
+    final_softcap: float | None = None  # Gemma-2: the same on the logits
+    sliding_window: int | None = None
+    sliding_layers: tuple = ()          # indices of the layers that use the sliding window
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None     # the first one when config.json lists several
+    pad_token_id: int | None = None
+    special_ids: tuple = ()             # every distinct bos/eos/pad id in config.json
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-NeoX), or Gemma's RMSNorm: scales by (1 + w), computed in fp32 as HF does."""
+
+    def __init__(self, d, eps, rms):
+        super().__init__()
+        self.eps, self.rms = eps, rms
+        self.weight = nn.Parameter(torch.zeros(d) if rms else torch.ones(d))
+        self.bias = None if rms else nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        if not self.rms:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def rotary_cos_sin(cfg, T, device, dtype):
+    """(T, rotary_dim) cos and sin; angles in fp32, then cast to the model dtype (as HF)."""
+    dims = torch.arange(0, cfg.rotary_dim, 2, device=device).float()
+    inv_freq = 1.0 / cfg.rope_theta ** (dims / cfg.rotary_dim)
+    angles = torch.arange(T, device=device).float()[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first cos.shape[-1] dims of each head; HF's rotate_half pairs dim i with i + r/2."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+
+
+def attention_allowed(T, attention_mask, window, device):
+    """(B or 1, 1, T, T) bool, True = query may attend to key. Causal; keys must be real tokens
+    (HF masks padded keys only); on sliding layers only keys with q - k < window (as HF).
+    Every query may see itself: real queries already do, and a padded query whose row would be
+    empty (far past the sliding window) gets finite values instead of SDPA's NaN."""
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    return allowed | (q == k)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.sizes = (q, kv, kv)
+        # q, k, v in one matrix laid out [q heads | k heads | v heads]; load() converts HF's layouts
+        self.qkv = nn.Linear(cfg.d_model, q + 2 * kv, bias=cfg.attn_bias)
+        self.out = nn.Linear(q, cfg.d_model, bias=cfg.attn_bias)
+
+    def forward(self, x, cos, sin, allowed):
+        cfg, (B, T, _) = self.cfg, x.shape
+        q, k, v = (t.view(B, T, -1, cfg.head_dim).transpose(1, 2) for t in self.qkv(x).split(self.sizes, -1))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # GQA: each k/v head serves n_head // n_kv_head consecutive query heads (HF repeat_kv)
+        k, v = (t.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1) for t in (k, v))
+        if cfg.attn_softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=cfg.attn_scale)
+        else:  # Gemma-2 caps the scores before the mask, which SDPA cannot do: HF's eager path
+            scores = (q @ k.transpose(-2, -1)) * cfg.attn_scale
+            scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            y = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GPT-NeoX: down(gelu(up(x))) with biases. Gemma-2 GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        gated = cfg.arch == "gemma2"
+        self.act = cfg.gelu_approximate
+        self.gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False) if gated else None
+        self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=not gated)
+        self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=not gated)
+
+    def forward(self, x):
+        if self.gate is None:
+            return self.down(F.gelu(self.up(x), approximate=self.act))
+        return self.down(F.gelu(self.gate(x), approximate=self.act) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        rms = cfg.arch == "gemma2"
+        self.ln_attn, self.attn = Norm(cfg.d_model, cfg.norm_eps, rms), Attention(cfg)
+        self.ln_mlp, self.mlp = Norm(cfg.d_model, cfg.norm_eps, rms), MLP(cfg)
+        if cfg.arch == "gemma2":  # Gemma-2 also normalizes each sublayer's output ("sandwich" norms)
+            self.ln_attn_out = Norm(cfg.d_model, cfg.norm_eps, rms)
+            self.ln_mlp_out = Norm(cfg.d_model, cfg.norm_eps, rms)
+
+    def forward(self, x, cos, sin, allowed):
+        attn = self.attn(self.ln_attn(x), cos, sin, allowed)
+        if self.cfg.arch == "gemma2":
+            x = x + self.ln_attn_out(attn)
+            return x + self.ln_mlp_out(self.mlp(self.ln_mlp(x)))
+        if self.cfg.parallel_residual:  # both sublayers read the same x; HF's order of additions
+            return self.mlp(self.ln_mlp(x)) + attn + x
+        x = attn + x
+        return self.mlp(self.ln_mlp(x)) + x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.special_ids = cfg.special_ids
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = Norm(cfg.d_model, cfg.norm_eps, cfg.arch == "gemma2")
+        self.head = None if cfg.tied_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, idx, attention_mask=None):
+        """Logits (B, T, vocab) for token ids idx (B, T)."""
+        x = self._run(self._embed(idx), range(self.cfg.n_layer), attention_mask)
+        return self._logits(x)
+
+    def resid_post(self, idx, layer, attention_mask=None):
+        """Residual stream after block `layer` (0-based; HF hidden_states[layer + 1]); runs no later block."""
+        self._check_layer(layer)
+        return self._run(self._embed(idx), range(layer + 1), attention_mask)
+
+    def forward_from(self, resid, layer, attention_mask=None):
+        """Logits from a (possibly replaced) residual after block `layer`: blocks layer+1.., ln_f, head."""
+        self._check_layer(layer)
+        if resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"resid must be (batch, seq, {self.cfg.d_model}), got {tuple(resid.shape)}")
+        resid = resid.to(self.embed.weight.dtype)  # e.g. an fp32 SAE reconstruction into a bf16 model
+        return self._logits(self._run(resid, range(layer + 1, self.cfg.n_layer), attention_mask))
+
+    def valid_mask(self, idx, attention_mask=None):
+        """Bool (B, T): True where the token is neither a special id (BOS/EOS/pad) nor padding."""
+        keep = ~torch.isin(idx, torch.tensor(self.special_ids, dtype=idx.dtype, device=idx.device))
+        return keep if attention_mask is None else keep & attention_mask.bool()
+
+    def _check_layer(self, layer):
+        if not 0 <= layer < self.cfg.n_layer:
+            raise ValueError(f"layer {layer} is out of range: the model has n_layer={self.cfg.n_layer} "
+                             f"(layers 0..{self.cfg.n_layer - 1})")
+
+    def _embed(self, idx):
+        if idx.ndim != 2 or idx.is_floating_point():
+            raise ValueError(f"idx must be integer token ids (batch, seq), got {idx.dtype} "
+                             f"{tuple(idx.shape)}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}) (vocab_size), "
+                             f"got min {int(idx.min())}, max {int(idx.max())}")
+        x = self.embed(idx)
+        if self.cfg.arch == "gemma2":  # HF scales by sqrt(d) rounded to the model dtype
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype, device=x.device)
+        return x
+
+    def _run(self, x, layers, attention_mask):
+        """Blocks `layers` on the residual x; rotary angles and masks are built once per call."""
+        cfg, T = self.cfg, x.shape[1]
+        if attention_mask is not None and attention_mask.shape != x.shape[:2]:
+            raise ValueError(f"attention_mask must be (batch, seq) = {tuple(x.shape[:2])}, "
+                             f"got {tuple(attention_mask.shape)}")
+        cos, sin = rotary_cos_sin(cfg, T, x.device, x.dtype)
+        full = attention_allowed(T, attention_mask, None, x.device)
+        sliding = full
+        if cfg.sliding_layers:
+            sliding = attention_allowed(T, attention_mask, cfg.sliding_window, x.device)
+        for i in layers:
+            x = self.blocks[i](x, cos, sin, sliding if i in cfg.sliding_layers else full)
+        return x
+
+    def _logits(self, x):
+        logits = F.linear(self.ln_f(x), self.embed.weight if self.head is None else self.head.weight)
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
+
+
+# ----------------------------------------------------------------------------- loading
+
+def read_config(path):
+    """Config from config.json, in the hub's spelling or in the one transformers >= 5 writes."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found: not a Hugging Face model folder; {_HINT}")
+    with open(file) as f:
+        c = json.load(f)
+
+    def need(key):
+        if key not in c:
+            raise ValueError(f"{file}: missing key {key!r}")
+        return c[key]
+
+    names = c.get("architectures") or []
+    arch = next((_ARCHITECTURES[name] for name in names if name in _ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(f"{file}: architectures={names} is not supported; supported: {list(_ARCHITECTURES)}")
+    gemma = arch == "gemma2"
+    d, n_head, n_layer = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
+    head_dim = c.get("head_dim") or d // n_head  # GPT-NeoX has no head_dim key
+    # Rotary: the hub says rotary_pct + rotary_emb_base (Pythia) or rope_theta (Gemma-2); transformers
+    # >= 5 writes rope_parameters {rope_theta, partial_rotary_factor}. Missing keys get HF's defaults.
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{file}: rope scaling {rope} is not supported")
+    theta = rope.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", 10000.0)))
+    rotary_pct = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
+    if gemma:  # the hub file has both keys; HF's Gemma2 reads hidden_activation
+        act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    else:
+        act = c.get("hidden_act", "gelu")
+    if act not in _GELU:
+        raise ValueError(f"{file}: activation {act!r} is not supported; supported: {list(_GELU)}")
+    # Gemma-2 hub files have no layer_types: HF's default slides on the even layers (0, 2, ...)
+    types = c.get("layer_types") or [("sliding_attention", "full_attention")[i % 2] for i in range(n_layer)]
+    if gemma and (len(types) != n_layer or not set(types) <= {"sliding_attention", "full_attention"}):
+        raise ValueError(f"{file}: layer_types must list {n_layer} times sliding_attention or "
+                         f"full_attention, got {types}")
+    window = c.get("sliding_window", 4096) if gemma else None
+    ids = {key: c.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    special = {i for v in ids.values() for i in (v if isinstance(v, list) else [v]) if i is not None}
+    return Config(
+        arch=arch, n_layer=n_layer, d_model=d, n_head=n_head,
+        n_kv_head=c.get("num_key_value_heads") or n_head, head_dim=head_dim,
+        d_mlp=need("intermediate_size"), vocab_size=need("vocab_size"),
+        norm_eps=c.get("rms_norm_eps", 1e-6) if gemma else c.get("layer_norm_eps", 1e-5),
+        rotary_dim=head_dim if gemma else int(head_dim * rotary_pct), rope_theta=float(theta),
+        gelu_approximate=_GELU[act],
+        attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5 if gemma else head_dim ** -0.5,
+        attn_bias=c.get("attention_bias", not gemma),
+        parallel_residual=not gemma and c.get("use_parallel_residual", True),
+        tied_embeddings=c.get("tie_word_embeddings", gemma),
+        attn_softcap=c.get("attn_logit_softcapping", 50.0) if gemma else None,
+        final_softcap=c.get("final_logit_softcapping", 30.0) if gemma else None,
+        sliding_window=window,
+        sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else (),
+        **{key: v[0] if isinstance(v, list) else v for key, v in ids.items()},
+        special_ids=tuple(sorted(special)),
+    )
+
+
+def hf_tensor_names(cfg, name):
+    """The HF tensor names our parameter `name` is read from (three for Gemma-2's fused q, k, v)."""
+    module, param = name.rsplit(".", 1)
+    layer = module.split(".")[1] if module.startswith("blocks.") else None
+    template = _HF_MODULES[cfg.arch][re.sub(r"^blocks\.\d+", "blocks.{i}", module)]
+    templates = template if isinstance(template, tuple) else (template,)
+    return [t.format(i=layer) + "." + param for t in templates]
+
+
+def _open_safetensors(file):
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}); "
+                         f"it may be truncated: {_HINT}") from e
+
+
+def checkpoint_files(path):
+    """The safetensors files of an HF folder and {tensor name: file}."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map; {_HINT}")
+        files = sorted({os.path.join(path, name) for name in weight_map.values()})
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = [os.path.join(path, "model.safetensors")]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path} "
+                                f"(weights are read from safetensors only, never pickle); {_HINT}")
+    where = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} (listed in {index}) not found; {_HINT}")
+        with _open_safetensors(file) as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    return files, where
+
+
+def load(path, device="cpu", dtype=torch.float32):
+    """Transformer from a local HF folder: config.json + model.safetensors, or shards + index.
+    device "auto" means cuda when available; dtype is a torch dtype (or its name, e.g. "bfloat16")."""
+    cfg = read_config(path)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    files, where = checkpoint_files(path)
+    with torch.device("meta"):  # no memory, no random init: load_state_dict(assign=True) fills it
+        model = Transformer(cfg)
+    sources = {name: hf_tensor_names(cfg, name) for name in model.state_dict()}
+    wanted = {hf_name for names in sources.values() for hf_name in names}
+    extra = sorted(n for n in where if n not in wanted and not n.endswith(_SKIPPED_BUFFERS))
+    if extra:
+        raise ValueError(f"{where[extra[0]]}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected "
+                         f"in all) for a {cfg.arch} model with n_layer={cfg.n_layer}: "
+                         f"config.json and the weights do not match")
+    state = {}
+    for name, target in model.state_dict().items():
+        rows = model.blocks[0].attn.sizes if len(sources[name]) == 3 else target.shape[:1]
+        parts = []
+        for hf_name, n_rows in zip(sources[name], rows):
+            if hf_name not in where:
+                raise ValueError(f"tensor {hf_name!r} is missing from {', '.join(files)}")
+            with _open_safetensors(where[hf_name]) as f:
+                t = f.get_tensor(hf_name)
+            if t.shape != (n_rows, *target.shape[1:]):
+                raise ValueError(f"{where[hf_name]}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {(n_rows, *target.shape[1:])}")
+            parts.append(t.to(device=device, dtype=dtype))
+        if cfg.arch == "gpt_neox" and ".qkv." in name:
+            # HF's fused GPT-NeoX QKV is head-major, rows (head, q|k|v, dim); ours is (q|k|v, head, dim)
+            parts = [parts[0].unflatten(0, (cfg.n_head, 3, cfg.head_dim)).transpose(0, 1).flatten(0, 2)]
+        state[name] = torch.cat(parts).contiguous()
+    model.load_state_dict(state, assign=True)
+    return model.requires_grad_(False).eval()  # the LLM is frozen throughout this project

@@ -1,0 +1,546 @@
+"""
+Train sparse autoencoders on residual-stream activations harvested from *masked* text
+(arXiv 2604.06495, "Improving Robustness in Sparse Autoencoders via Masked Regularization").
+
+The paper's whole change lives in Harvester.next_acts(): before the LLM forward pass, each
+ordinary input token is replaced by `mask_token` with probability `mask_prob` (paper: 0.3), so
+the activations come from corrupted contexts and co-occurrence shortcuts break. The SAE objective
+is unchanged (Matryoshka BatchTopK by default, sae.py). mask_prob=0 is the baseline.
+
+Run:
+  python prepare.py && python train.py          # embedded offline default: tiny RANDOM model, CPU
+  python train.py configs/pythia160m.py         # the paper's Pythia-160M run (one GPU)
+  python train.py configs/pythia160m.py --mask_prob=0.0 --out_dir=out/pythia160m_p0   # baseline
+  torchrun --standalone --nproc_per_node=8 train.py configs/pythia160m.py            # DDP
+  python train.py configs/pythia160m.py --resume=True                                 # after a kill
+
+Settings below are the defaults; a config file and --key=value override them (configurator.py).
+One run trains one SAE per entry of `ks` from the same harvested stream, since harvesting
+dominates the cost; each SAE is written to out_dir/k{k}/ (sae.safetensors + cfg.json), and the
+resume state to out_dir/checkpoint/.
+"""
+import copy
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import configurator
+import model as model_lib
+import prepare
+import sae as sae_lib
+
+# -----------------------------------------------------------------------------
+# data and model
+model_dir = "data/tiny/model"      # local Hugging Face folder (prepare.py fetches hub models)
+tokens_dir = "data/tiny/tokens"    # train.bin/val.bin + meta.json from prepare.py
+layer = 2                          # hook: residual stream after this block (0-based)
+out_dir = "out/tiny"
+# masking: the paper's regulariser (paper.md §1, §5)
+mask_prob = 0.3                    # probability of replacing an eligible input token
+mask_token = "<|padding|>"         # must be exactly one token id, never BOS/EOS/pad
+train_on_masked = True             # keep masked positions in the SAE data (False: an ablation)
+# harvesting
+ctx_len = 128                      # tokens per LLM row, BOS first (paper: 1024)
+llm_batch_rows = 32                # rows per LLM forward pass
+buffer_tokens = 32768              # shuffle buffer; refilled when half has been read
+llm_dtype = "float32"              # float32 | bfloat16 (Gemma runs in bf16)
+outlier_norm_ratio = 0.0           # drop tokens with norm > ratio x batch median (0 = off)
+# SAE
+arch = "matryoshka_batchtopk"      # matryoshka_batchtopk | batchtopk | topk | relu
+ks = [8, 16]                       # one SAE per target L0 (paper: 20, 40, 80, 160)
+l1_coefficients = [0.02]           # relu arch only: one SAE per L1 coefficient
+dict_size = 1024                   # latents F (paper: 4096)
+group_fractions = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]  # Matryoshka groups
+# optimisation (training.md §1.12-13)
+total_tokens = 1_000_000           # SAE training tokens (paper: 500M)
+batch_size = 1024                  # SAE tokens per step, summed over ranks (paper: 2048)
+lr = 3e-4
+warmup_steps = 100                 # paper recipe: 1000
+decay_start = 0.8                  # linear decay to 0 over the last 20% of steps
+grad_clip = 1.0
+l1_warmup_steps = 500              # relu arch: L1 coefficient ramps up over these steps
+dead_tokens = 1_000_000            # a latent unseen for this many tokens is dead (paper: 10M)
+threshold_start = 100              # inference-threshold EMA starts after this step (paper: 1000)
+scale_tokens = 32768               # tokens used to estimate the activation scale
+seed = 0
+# system
+device = "auto"                    # auto | cpu | cuda | cuda:N
+compile = "auto"                   # torch.compile the SAE loss: auto (= on CUDA) | on | off
+sae_autocast = True                # bf16 autocast for the SAE step on CUDA (CPU stays fp32)
+log_interval = 50
+ckpt_interval = 500
+resume = False                     # continue from out_dir/checkpoint
+wandb_project = ""                 # log to Weights & Biases when set (optional package)
+
+# settings that may change between a checkpoint and its resumption
+_RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "wandb_project"}
+
+
+# -----------------------------------------------------------------------------
+# harvesting: token rows -> masked rows -> residual activations
+
+def mask_tokens(rows, eligible, prob, mask_id, generator):
+    """The paper's corruption: i.i.d. Bernoulli(prob) per eligible position (paper.md §1)."""
+    draws = torch.rand(rows.shape, generator=generator).to(rows.device)
+    masked = (draws < prob) & eligible
+    return torch.where(masked, mask_id, rows), masked
+
+
+def mask_generator(seed, rank, batch_index):
+    """Masks depend on (seed, rank, batch) only, so resume and p=0 reproduce the stream exactly."""
+    state = np.random.SeedSequence([seed, rank, batch_index]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> 1))
+
+
+class Harvester:
+    """Reads rows of the token file in order (rank r takes rows r, r+W, ...), masks and runs the LLM."""
+
+    def __init__(self, m, cfg, mask_id, rank, world):
+        self.m, self.cfg, self.mask_id, self.rank, self.world = m, cfg, mask_id, rank, world
+        tokens, _ = prepare.open_tokens(cfg.tokens_dir, "train")
+        self.n_rows = len(tokens) // (cfg.ctx_len - 1)
+        if self.n_rows < world * cfg.llm_batch_rows:
+            raise ValueError(f"{cfg.tokens_dir}/train.bin has {len(tokens)} tokens: too few for "
+                             f"{world} x {cfg.llm_batch_rows} rows of {cfg.ctx_len}")
+        self.batches_done = 0           # LLM batches this rank has run (the mask RNG's step)
+        self.leftover = None            # activations harvested but not yet handed out
+        self.tokens_masked = self.tokens_eligible = 0
+
+    def read_rows(self):
+        """One LLM batch: BOS + ctx_len-1 tokens of the packed stream per row (paper.md §5.9)."""
+        tokens, _ = prepare.open_tokens(self.cfg.tokens_dir, "train")  # reopen: memmaps leak
+        span = self.cfg.ctx_len - 1
+        first = self.batches_done * self.cfg.llm_batch_rows * self.world
+        rows = [(first + i * self.world + self.rank) % self.n_rows
+                for i in range(self.cfg.llm_batch_rows)]  # wraps around into a new epoch
+        batch = np.stack([tokens[r * span:(r + 1) * span] for r in rows]).astype(np.int64)
+        bos = np.full((len(rows), 1), self.m.cfg.bos_token_id, dtype=np.int64)
+        return torch.from_numpy(np.concatenate([bos, batch], 1)).to(self.m_device)
+
+    @property
+    def m_device(self):
+        return next(self.m.parameters()).device
+
+    @torch.no_grad()
+    def next_acts(self):
+        """Activations of one LLM batch at the hook, special positions dropped, shape (n, d)."""
+        cfg = self.cfg
+        rows = self.read_rows()
+        valid = self.m.valid_mask(rows)  # BOS/EOS/pad are never masked and never trained on
+        generator = mask_generator(cfg.seed, self.rank, self.batches_done)
+        inputs, masked = mask_tokens(rows, valid, cfg.mask_prob, self.mask_id, generator)
+        resid = self.m.resid_post(inputs, cfg.layer)
+        keep = valid if cfg.train_on_masked else valid & ~masked
+        acts = resid[keep]
+        if cfg.outlier_norm_ratio > 0:  # optional filter for outlier tokens (training.md §5.5)
+            norms = acts.norm(dim=-1)
+            acts = acts[norms <= cfg.outlier_norm_ratio * norms.median()]
+        if not torch.isfinite(acts).all():
+            raise FloatingPointError(f"non-finite activations at layer {cfg.layer} in LLM batch "
+                                     f"{self.batches_done} (rank {self.rank}); check the model/dtype")
+        self.batches_done += 1
+        self.tokens_masked += int(masked.sum())
+        self.tokens_eligible += int(valid.sum())
+        return acts
+
+    def take(self, n):
+        """Exactly n activations, harvesting as many LLM batches as needed."""
+        chunks, have = [], 0
+        if self.leftover is not None:
+            chunks, have = [self.leftover], len(self.leftover)
+        while have < n:
+            chunks.append(self.next_acts())
+            have += len(chunks[-1])
+        acts = torch.cat(chunks)
+        self.leftover = acts[n:].clone()
+        return acts[:n]
+
+
+class ShuffleBuffer:
+    """Serves random unread activations; refills the read half when half is gone (training.md §1.2).
+
+    Tokens of one document are strongly correlated, so batches mix many rows."""
+
+    def __init__(self, harvester, size, device, generator):
+        self.harvester, self.generator = harvester, generator
+        self.acts = harvester.take(size).to(device)
+        self.unread = torch.randperm(size, generator=generator).to(device)
+
+    def next_batch(self, n):
+        size = len(self.acts)
+        if len(self.unread) <= size // 2:
+            read = torch.ones(size, dtype=torch.bool, device=self.acts.device)
+            read[self.unread] = False
+            slots = read.nonzero().squeeze(1)
+            self.acts[slots] = self.harvester.take(len(slots)).to(self.acts.dtype)
+            self.unread = torch.randperm(size, generator=self.generator).to(self.acts.device)
+        batch, self.unread = self.unread[:n], self.unread[n:]
+        return self.acts[batch]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: out_dir/checkpoint/{state.safetensors, rank{r}.safetensors}, swapped in whole
+
+def checkpoint_dir(cfg):
+    """The checkpoint to resume from; 'checkpoint.old' covers a kill between the two renames."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(cfg.out_dir, name)
+        if os.path.exists(os.path.join(path, "state.safetensors")):
+            return path
+    return None
+
+
+def save_checkpoint(cfg, saes, optimizers, dead, scale, step, harvester, buffer, rank, world):
+    tmp = os.path.join(cfg.out_dir, "checkpoint.tmp")
+    final, old = os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "checkpoint.old")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if world > 1:
+        dist.barrier()
+    per_rank = {"buffer.acts": buffer.acts, "buffer.unread": buffer.unread,
+                "buffer.generator": buffer.generator.get_state(),
+                "harvest.leftover": harvester.leftover}
+    rank_meta = {"batches_done": harvester.batches_done, "tokens_masked": harvester.tokens_masked,
+                 "tokens_eligible": harvester.tokens_eligible}
+    _write(os.path.join(tmp, f"rank{rank}.safetensors"), per_rank, rank_meta)
+    if rank == 0:
+        tensors = {}
+        for i, (sae, opt) in enumerate(zip(saes, optimizers)):
+            tensors.update({f"sae{i}.{k}": v for k, v in sae.state_dict().items()})
+            tensors[f"sae{i}.dead"] = dead[i]
+            for j, state in opt.state_dict()["state"].items():
+                tensors.update({f"sae{i}.adam{j}.{k}": v for k, v in state.items()})
+        meta = {"step": step, "scale": scale, "world": world, "config": vars(cfg)}
+        _write(os.path.join(tmp, "state.safetensors"), tensors, meta)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:  # swap in whole; the previous checkpoint stays until the new one is in place
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def _write(path, tensors, meta):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
+    try:
+        save_file(tensors, path, metadata={"meta": json.dumps(meta)})
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(f"could not write checkpoint file {path}: {e}. "
+                      f"The previous checkpoint in {os.path.dirname(os.path.dirname(path))}"
+                      f"/checkpoint is untouched.") from None
+
+
+def _read(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    return load_file(path), meta
+
+
+def check_resume_config(cfg, saved):
+    differ = {k: (saved.get(k), v) for k, v in vars(cfg).items()
+              if k not in _RESUMABLE_CHANGES and saved.get(k) != v}
+    if differ:
+        lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"refusing to resume {cfg.out_dir}: the config differs from the "
+                         f"checkpoint's:\n{lines}\nStart a new out_dir or restore these settings.")
+
+
+# -----------------------------------------------------------------------------
+# the training step (training.md §1.8-12)
+
+def lr_at(step, total_steps, cfg):
+    """Linear warmup, constant, linear decay to 0 from decay_start * total (training.md §1.13)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_from = int(cfg.decay_start * total_steps)
+    if step >= decay_from:
+        return cfg.lr * (total_steps - step) / max(1, total_steps - decay_from)
+    return cfg.lr
+
+
+def sae_step(sae, loss_fn, optimizer, x, dead_mask, lr, l1_scale, cfg, world, autocast):
+    with autocast:
+        loss, stats, f = loss_fn(x, dead_mask, l1_scale)
+    loss.backward()
+    if world > 1:  # each rank's local batch is part of the global one: average the gradients
+        for p in sae.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    sae_lib.project_decoder_grad(sae)  # keep decoder rows on the unit sphere (to first order)
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sae_lib.normalize_decoder(sae)
+    return stats, f.detach()
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg = configurator.configure(globals(), argv, __doc__)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:  # torchrun: one process per device; NCCL on CUDA, gloo on CPU
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if backend == "nccl" else "cpu"
+    else:
+        rank, world = 0, 1
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    master = rank == 0
+    log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
+    try:
+        train(cfg, device, rank, world, log)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def validate(cfg):
+    problems = []
+    if not 0.0 <= cfg.mask_prob < 1.0:
+        problems.append(f"mask_prob must be in [0, 1), got {cfg.mask_prob}")
+    if cfg.arch not in sae_lib.ARCHS:
+        problems.append(f"arch must be one of {sae_lib.ARCHS}, got {cfg.arch!r}")
+    if cfg.compile not in ("auto", "on", "off"):
+        problems.append(f"compile must be auto, on or off, got {cfg.compile!r}")
+    if cfg.llm_dtype not in ("float32", "bfloat16"):
+        problems.append(f"llm_dtype must be float32 or bfloat16, got {cfg.llm_dtype!r}")
+    for name in ("ctx_len", "llm_batch_rows", "buffer_tokens", "dict_size", "total_tokens",
+                 "batch_size", "log_interval", "ckpt_interval"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.ctx_len < 2:
+        problems.append("ctx_len must be at least 2 (BOS plus one token)")
+    sweep = cfg.l1_coefficients if cfg.arch == "relu" else cfg.ks
+    if not sweep or any((not isinstance(v, (int, float))) or v <= 0 for v in sweep):
+        problems.append(f"{'l1_coefficients' if cfg.arch == 'relu' else 'ks'} must be a "
+                        f"non-empty list of positive numbers, got {sweep!r}")
+    if cfg.arch != "relu" and any(k > cfg.dict_size for k in cfg.ks):
+        problems.append(f"every k must be <= dict_size={cfg.dict_size}, got ks={cfg.ks}")
+    if cfg.buffer_tokens < 2 * cfg.batch_size:
+        problems.append(f"buffer_tokens ({cfg.buffer_tokens}) must hold at least two batches "
+                        f"({2 * cfg.batch_size})")
+    if problems:
+        raise configurator.ConfigError("bad settings:\n  " + "\n  ".join(problems))
+
+
+def train(cfg, device, rank, world, log):
+    validate(cfg)
+    if cfg.batch_size % world:
+        raise configurator.ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
+    local_batch = cfg.batch_size // world
+    total_steps = cfg.total_tokens // cfg.batch_size
+    log("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in vars(cfg).items()))
+
+    # --- model, tokenizer, mask token: everything checked before anything is written
+    m = model_lib.load(cfg.model_dir, device, getattr(torch, cfg.llm_dtype))
+    if not 0 <= cfg.layer < m.cfg.n_layer:
+        raise ValueError(f"layer {cfg.layer} is out of range: {cfg.model_dir} has {m.cfg.n_layer} "
+                         f"blocks (0..{m.cfg.n_layer - 1})")
+    mask_id = prepare.single_token_id(prepare.load_tokenizer(cfg.model_dir), cfg.mask_token)
+    if mask_id in m.special_ids or mask_id >= m.cfg.vocab_size:
+        raise ValueError(f"mask_token {cfg.mask_token!r} (id {mask_id}) must be an ordinary id below "
+                         f"{m.cfg.vocab_size}, not one of the special ids {m.special_ids}")
+    _, meta = prepare.open_tokens(cfg.tokens_dir, "train")
+    if meta["vocab_size"] > m.cfg.vocab_size:
+        raise ValueError(f"{cfg.tokens_dir} was tokenized with vocab {meta['vocab_size']}, more than "
+                         f"the model's {m.cfg.vocab_size}: tokens and model do not match")
+    if meta["eos_token_id"] != m.cfg.eos_token_id:
+        raise ValueError(f"{cfg.tokens_dir}/meta.json has eos id {meta['eos_token_id']} but "
+                         f"{cfg.model_dir} has {m.cfg.eos_token_id}: tokens made with another tokenizer")
+    resume_from = checkpoint_dir(cfg) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise FileNotFoundError(f"resume=True but {cfg.out_dir}/checkpoint does not exist")
+    if not cfg.resume and checkpoint_dir(cfg) is not None:
+        raise FileExistsError(f"{cfg.out_dir} already holds a checkpoint: pass --resume=True to "
+                              f"continue it, or choose another out_dir")
+    if resume_from:
+        state, meta_state = _read(os.path.join(resume_from, "state.safetensors"))
+        check_resume_config(cfg, meta_state["config"])
+        if meta_state["world"] != world:
+            raise ValueError(f"checkpoint was written by {meta_state['world']} ranks, now {world}")
+
+    # --- data: harvester + shuffle buffer (per rank), activation scale
+    harvester = Harvester(m, cfg, mask_id, rank, world)
+    buffer_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    t0 = time.time()
+    d = m.cfg.d_model
+    log(f"filling the shuffle buffer: {cfg.buffer_tokens} tokens x {d} dims "
+        f"({cfg.buffer_tokens * d * m_bytes(cfg) / 2**20:.0f} MiB per rank)")
+    buffer = ShuffleBuffer(harvester, cfg.buffer_tokens, device, buffer_generator)
+    log(f"buffer filled in {time.time() - t0:.1f}s")
+    if resume_from:
+        rank_state, rank_meta = _read(os.path.join(resume_from, f"rank{rank}.safetensors"))
+        buffer.acts = rank_state["buffer.acts"].to(device)
+        buffer.unread = rank_state["buffer.unread"].to(device)
+        buffer.generator.set_state(rank_state["buffer.generator"])
+        harvester.leftover = rank_state.get("harvest.leftover")
+        harvester.leftover = None if harvester.leftover is None else harvester.leftover.to(device)
+        harvester.batches_done = rank_meta["batches_done"]
+        harvester.tokens_masked = rank_meta["tokens_masked"]
+        harvester.tokens_eligible = rank_meta["tokens_eligible"]
+        scale, start_step = meta_state["scale"], meta_state["step"]
+    else:
+        # one scalar s with E||x/s||^2 = 1 (training.md §1.3), from the first buffer, all ranks
+        sample = buffer.acts[: cfg.scale_tokens].float()
+        mean_sq = sample.pow(2).sum(-1).mean()
+        if world > 1:
+            dist.all_reduce(mean_sq)
+            mean_sq /= world
+        scale, start_step = math.sqrt(mean_sq.item()), 0
+
+    # --- SAEs: one per k (or per L1 coefficient), same data
+    sweep = cfg.l1_coefficients if cfg.arch == "relu" else cfg.ks
+    names = [f"l1_{v:g}" if cfg.arch == "relu" else f"k{v}" for v in sweep]
+    meta_cfg = dict(model=cfg.model_dir, layer=cfg.layer, hook=f"blocks.{cfg.layer}.hook_resid_post",
+                    mask_prob=cfg.mask_prob, mask_token=cfg.mask_token,
+                    train_on_masked=cfg.train_on_masked, training_tokens=cfg.total_tokens)
+    saes = []
+    for v in sweep:
+        extra = dict(l1_coefficient=float(v)) if cfg.arch == "relu" else {}
+        saes.append(sae_lib.SAE(d, cfg.dict_size, arch=cfg.arch, k=int(v) if cfg.arch != "relu" else 0,
+                                group_fractions=tuple(cfg.group_fractions), seed=cfg.seed,
+                                **extra, **meta_cfg).to(device))
+    optimizers = [torch.optim.Adam(s.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                   fused=device.startswith("cuda") or None) for s in saes]
+    dead = [torch.zeros(cfg.dict_size, dtype=torch.long, device=device) for _ in saes]
+    if resume_from:
+        for i, (s, opt) in enumerate(zip(saes, optimizers)):
+            s.load_state_dict({k[len(f"sae{i}."):]: v for k, v in state.items()
+                               if k.startswith(f"sae{i}.") and k[len(f"sae{i}."):] in s.state_dict()})
+            dead[i] = state[f"sae{i}.dead"].to(device)
+            opt_state = opt.state_dict()
+            for j in range(len(opt_state["param_groups"][0]["params"])):
+                prefix = f"sae{i}.adam{j}."
+                entry = {k[len(prefix):]: v.to(device) if v.dim() else v for k, v in state.items()
+                         if k.startswith(prefix)}
+                if entry:
+                    opt_state["state"][j] = entry
+            opt.load_state_dict(opt_state)
+        log(f"resumed {resume_from} at step {start_step}")
+    else:
+        first = buffer.next_batch(local_batch).float() / scale
+        median = sae_lib.geometric_median(first)  # b_dec init (training.md §1.4)
+        if world > 1:
+            dist.broadcast(median, 0)
+        for s in saes:
+            s.b_dec.data.copy_(median)
+
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda"))
+    loss_fns = [torch.compile(s.training_loss) if use_compile else s.training_loss for s in saes]
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda") and cfg.sae_autocast)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    wandb = None
+    if cfg.wandb_project and rank == 0:
+        import wandb  # optional, only when asked for
+        wandb.init(project=cfg.wandb_project, config=vars(cfg))
+
+    log(f"training {len(saes)} SAE(s) {names} for {total_steps} steps of {cfg.batch_size} tokens "
+        f"(scale s = {scale:.4g}, compile {'on' if use_compile else 'off'}, {world} rank(s))")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    t_log, harvest_time_log = time.time(), 0.0
+    for step in range(start_step, total_steps):
+        t_batch = time.time()
+        batches_before = harvester.batches_done
+        x = buffer.next_batch(local_batch).float() / scale
+        harvested = (harvester.batches_done - batches_before) > 0
+        if harvested and device.startswith("cuda"):
+            torch.cuda.synchronize()
+        harvest_time_log += (time.time() - t_batch) if harvested else 0.0
+        lr_now = lr_at(step, total_steps, cfg)
+        l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)
+        last_stats = []
+        for i, (s, fn, opt) in enumerate(zip(saes, loss_fns, optimizers)):
+            # aux-k needs dead latents, and none can be dead before dead_tokens have been seen
+            dead_mask = dead[i] >= cfg.dead_tokens if (step + 1) * cfg.batch_size > cfg.dead_tokens else None
+            stats, f = sae_step(s, fn, opt, x, dead_mask, lr_now, l1_scale, cfg, world, autocast)
+            fired = (f != 0).any(0)
+            if world > 1:  # a latent is alive if it fired on any rank (training.md §3)
+                fired = fired.int()
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                fired = fired.bool()
+            dead[i] += cfg.batch_size
+            dead[i][fired] = 0
+            if step >= cfg.threshold_start and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
+                m_min = sae_lib.batch_min_positive(f.float())
+                if world > 1:
+                    dist.all_reduce(m_min, op=dist.ReduceOp.MIN)
+                sae_lib.update_threshold(s, m_min)
+            last_stats.append(stats)
+
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == total_steps:
+            elapsed = time.time() - t_log
+            total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
+            tokens = cfg.log_interval * cfg.batch_size
+            parts = []
+            for name, stats, dd in zip(names, last_stats, dead):
+                loss = stats["loss"].item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"step {step + 1}: SAE {name} loss is {loss}; the last good "
+                                             f"checkpoint is in {cfg.out_dir}/checkpoint")
+                ev = 1 - stats["rec"].item() / total_var.item()
+                parts.append(f"{name} loss {loss:.4f} aux {stats['aux'].item():.3f} "
+                             f"L0 {stats['l0'].item():.1f} EV {ev:.3f} dead {int((dd >= cfg.dead_tokens).sum())}")
+            harvest_rate = tokens / max(harvest_time_log, 1e-9) if harvest_time_log else float("inf")
+            sae_rate = tokens / max(elapsed - harvest_time_log, 1e-9)
+            eta = (total_steps - step - 1) * elapsed / cfg.log_interval
+            log(f"step {step + 1}/{total_steps} | " + " | ".join(parts) +
+                f" | lr {lr_now:.2e} | harvest {harvest_rate / 1e3:.1f}k tok/s, "
+                f"sae {sae_rate / 1e3:.1f}k tok/s | eta {eta / 60:.1f} min")
+            if wandb:
+                wandb.log({f"{n}/{k}": v.item() for n, st in zip(names, last_stats)
+                           for k, v in st.items() if v.dim() == 0} | {"lr": lr_now}, step=step + 1)
+            t_log, harvest_time_log = time.time(), 0.0
+
+        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == total_steps:
+            for name, s in zip(names, saes):
+                if not all(torch.isfinite(p).all() for p in s.parameters()):
+                    raise FloatingPointError(f"step {step + 1}: SAE {name} has non-finite weights; "
+                                             f"not saving. The last good checkpoint is in "
+                                             f"{cfg.out_dir}/checkpoint")
+            save_checkpoint(cfg, saes, optimizers, dead, scale, step + 1, harvester, buffer, rank, world)
+            if rank == 0:
+                for name, s in zip(names, saes):
+                    export_sae(s, scale, os.path.join(cfg.out_dir, name))
+
+    if harvester.tokens_eligible:
+        log(f"realised mask fraction over eligible tokens: "
+            f"{harvester.tokens_masked / harvester.tokens_eligible:.4f} (mask_prob {cfg.mask_prob})")
+    log(f"done: SAEs in {', '.join(os.path.join(cfg.out_dir, n) for n in names)}")
+
+
+def m_bytes(cfg):
+    return 2 if cfg.llm_dtype == "bfloat16" else 4
+
+
+def export_sae(s, scale, folder):
+    """Save a copy with the activation scale folded in, so it runs on raw activations."""
+    folded = copy.deepcopy(s).cpu()
+    sae_lib.fold_scale(folded, scale)
+    sae_lib.save(folded, folder)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

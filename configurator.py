@@ -5,6 +5,8 @@ tuple or None) and calls
 
     cfg = configurator.configure(globals(), sys.argv[1:], __doc__)
 
+and runs as `configurator.run(main)`, which turns a user error into one line on stderr.
+
 Arguments are applied left to right:
     path/to/config.py   executed; its settings apply. One experiment file (configs/*.py) serves
                         every stage, so a name that belongs to another stage's script is skipped
@@ -101,3 +103,16 @@ def configure(namespace, argv, doc=""):
                     continue  # another stage's setting
                 values[key] = _check(key, value, default_values, arg)
     return SimpleNamespace(**values)
+
+
+def run(main):
+    """Run main(argv) as a command: a user error (bad setting, missing or corrupt file, NaN,
+    disk full) prints one line and exits 1 instead of a traceback. TRACEBACK=1 shows it."""
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, OSError, ValueError, FloatingPointError) as e:
+        if os.environ.get("TRACEBACK"):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}\n(set TRACEBACK=1 for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)

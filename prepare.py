@@ -475,8 +475,8 @@ def prepare_tokens(cfg, tokenizer):
           f"{sum(tokens.values()) / elapsed:,.0f} tok/s")
 
 
-def main(argv=None):
-    cfg = configurator.configure(globals(), sys.argv[1:] if argv is None else argv, __doc__)
+def main(argv):
+    cfg = configurator.configure(globals(), argv, __doc__)
     if not 0 < cfg.val_fraction < 1 or cfg.max_tokens < 1:
         raise ValueError(f"need 0 < val_fraction < 1 and max_tokens >= 1, got "
                          f"{cfg.val_fraction} and {cfg.max_tokens}")
@@ -490,4 +490,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.run(main)

@@ -543,4 +543,4 @@ def export_sae(s, scale, folder):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    configurator.run(main)

@@ -31,6 +31,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import configurator
@@ -247,10 +248,13 @@ def _write(path, tensors, meta):
 
 
 def _read(path):
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    return load_file(path), meta
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        return load_file(path), meta
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"checkpoint file {path} is unreadable ({e}); delete the checkpoint "
+                         f"folder to start over") from None
 
 
 def check_resume_config(cfg, saved):
@@ -380,6 +384,8 @@ def train(cfg, device, rank, world, log):
         if meta_state["world"] != world:
             raise ValueError(f"checkpoint was written by {meta_state['world']} ranks, now {world}")
 
+    os.makedirs(cfg.out_dir, exist_ok=True)  # every input checked: the first thing written
+
     # --- data: harvester + shuffle buffer (per rank), activation scale
     harvester = Harvester(m, cfg, mask_id, rank, world)
     buffer_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -459,12 +465,15 @@ def train(cfg, device, rank, world, log):
 
     log(f"training {len(saes)} SAE(s) {names} for {total_steps} steps of {cfg.batch_size} tokens "
         f"(scale s = {scale:.4g}, compile {'on' if use_compile else 'off'}, {world} rank(s))")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     t_log, harvest_time_log = time.time(), 0.0
     for step in range(start_step, total_steps):
         t_batch = time.time()
         batches_before = harvester.batches_done
-        x = buffer.next_batch(local_batch).float() / scale
+        try:
+            x = buffer.next_batch(local_batch).float() / scale
+        except FloatingPointError as e:
+            raise FloatingPointError(f"step {step + 1}: {e}. The last good checkpoint is in "
+                                     f"{cfg.out_dir}/checkpoint") from None
         harvested = (harvester.batches_done - batches_before) > 0
         if harvested and device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -1,0 +1,200 @@
+"""What happens when things go wrong: one clear message, a non-zero exit, no existing file harmed.
+
+Runs the scripts as a user does (subprocesses) where the exit code and the printed message
+matter, and in-process where a failure has to be injected at an exact moment.
+"""
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as model_lib
+import train
+from test_train import fast_settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import prepare
+    folder = tmp_path_factory.mktemp("tiny")
+    prepare.main([f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000"])
+    return folder
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def assert_one_clear_error(result, *fragments):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# --- bad inputs, through the command line -----------------------------------------------------
+
+def test_corrupt_truncated_and_mismatched_weights(tiny, tmp_path):
+    for damage in ("truncate", "garbage", "shape"):
+        model_dir = tmp_path / damage
+        os.system(f"cp -r {tiny}/model {model_dir}")
+        weights = model_dir / "model.safetensors"
+        if damage == "truncate":
+            weights.write_bytes(weights.read_bytes()[:-1000])
+        elif damage == "garbage":
+            weights.write_bytes(b"\x00" * 64)
+        else:
+            config = json.loads((model_dir / "config.json").read_text())
+            config["intermediate_size"] = 256
+            (model_dir / "config.json").write_text(json.dumps(config))
+        before = snapshot(model_dir)
+        result = run_script("train.py", *fast_settings(tiny, tmp_path / f"out_{damage}", f"--model_dir={model_dir}"))
+        assert_one_clear_error(result, str(model_dir))
+        if damage == "shape":
+            assert "mlp" in result.stderr  # names the tensor
+        assert snapshot(model_dir) == before
+        assert not (tmp_path / f"out_{damage}").exists()
+
+
+def test_unsupported_architecture(tiny, tmp_path):
+    model_dir = tmp_path / "llama"
+    os.system(f"cp -r {tiny}/model {model_dir}")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    result = run_script("train.py", *fast_settings(tiny, tmp_path / "out", f"--model_dir={model_dir}"))
+    assert_one_clear_error(result, "LlamaForCausalLM", "GPTNeoXForCausalLM")
+
+
+def test_token_file_that_does_not_match_the_model(tiny, tmp_path):
+    tokens = tmp_path / "tokens"
+    os.system(f"cp -r {tiny}/tokens {tokens}")
+    meta = json.loads((tokens / "meta.json").read_text())
+    meta["vocab_size"] = 50304
+    (tokens / "meta.json").write_text(json.dumps(meta))
+    result = run_script("train.py", *fast_settings(tiny, tmp_path / "out", f"--tokens_dir={tokens}"))
+    assert_one_clear_error(result, "vocab 50304", "do not match")
+
+    meta = json.loads((tiny / "tokens" / "meta.json").read_text())  # ids beyond the vocabulary
+    ids = np.memmap(tokens / "train.bin", dtype=meta["dtype"], mode="r+")
+    ids[500] = 4095 + 7
+    ids.flush()
+    (tokens / "meta.json").write_text(json.dumps(meta))
+    result = run_script("train.py", *fast_settings(tiny, tmp_path / "out", f"--tokens_dir={tokens}"))
+    assert_one_clear_error(result, "token ids must be in [0, 4096)")
+
+    (tokens / "train.bin").write_bytes((tokens / "train.bin").read_bytes()[:-3])  # wrong size
+    result = run_script("train.py", *fast_settings(tiny, tmp_path / "out", f"--tokens_dir={tokens}"))
+    assert_one_clear_error(result, "train.bin")
+
+
+def test_hooked_layer_beyond_the_model_and_unknown_settings(tiny, tmp_path):
+    assert_one_clear_error(run_script("train.py", *fast_settings(tiny, tmp_path / "o", "--layer=4")),
+                           "layer 4 is out of range", "4 blocks")
+    assert_one_clear_error(run_script("train.py", "--dict_sise=4096"), "unknown setting 'dict_sise'")
+    config = tmp_path / "bad_config.py"
+    config.write_text("layer = 2\nmask_prop = 0.3\n")
+    assert_one_clear_error(run_script("train.py", config), "unknown setting 'mask_prop'")
+    assert not (tmp_path / "o").exists()
+
+
+# --- failures in the middle of a run: the last good checkpoint survives -------------------------
+
+def test_nan_activations_stop_the_run_and_keep_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save, real_resid = train.save_checkpoint, model_lib.Transformer.resid_post
+
+    def save_then_poison(*args, **kwargs):
+        real_save(*args, **kwargs)
+        monkeypatch.setattr(model_lib.Transformer, "resid_post",
+                            lambda self, *a, **k: real_resid(self, *a, **k) * float("nan"))
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_poison)
+    with pytest.raises(FloatingPointError, match=r"step \d+: non-finite activations.*last good checkpoint"):
+        train.main(fast_settings(tiny, out))
+    state = load_file(out / "checkpoint" / "state.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    assert json.loads(open(out / "k4" / "cfg.json").read())["k"] == 4
+
+
+def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save_file, calls = train.save_file, []
+
+    def fill_the_disk_on_the_second_checkpoint(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 2:  # each checkpoint writes rank0 + state
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train, "save_file", fill_the_disk_on_the_second_checkpoint)
+    with pytest.raises(OSError, match="No space left.*previous checkpoint"):
+        train.main(fast_settings(tiny, out))
+    monkeypatch.setattr(train, "save_file", real_save_file)
+    before = snapshot(out / "checkpoint")
+    train.main(fast_settings(tiny, out, "--resume=True"))  # continues from step 10
+    assert before != snapshot(out / "checkpoint")
+
+
+def test_unwritable_output_folder_fails_before_training(tiny, tmp_path):
+    if os.geteuid() == 0:  # root ignores permissions: use a path under a regular file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        out = blocker / "run"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out = tmp_path / "ro" / "run"
+    result = run_script("train.py", *fast_settings(tiny, out))
+    assert_one_clear_error(result, str(out))
+
+
+# Runs train.py and kills it with SIGKILL inside the step-20 checkpoint: after its files are
+# written but before any rename ("before_swap"), or after checkpoint -> checkpoint.old but before
+# checkpoint.tmp -> checkpoint ("between_renames").
+_KILL_DURING_CHECKPOINT = """
+import os, sys
+import train
+where = {"before_swap": "checkpoint", "between_renames": "checkpoint.tmp"}[os.environ["KILL_WHERE"]]
+real_replace, real_save, step = os.replace, train.save_checkpoint, [0]
+def replace(src, dst):
+    if step[0] == 20 and os.path.basename(src) == where:
+        os.kill(os.getpid(), 9)
+    real_replace(src, dst)
+def save(*args, **kwargs):
+    step[0] = args[5]
+    real_save(*args, **kwargs)
+train.os.replace, train.save_checkpoint = replace, save
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("where", ["before_swap", "between_renames"])
+def test_kill_9_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_run(tiny, tmp_path, where):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train.main(fast_settings(tiny, straight))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_KILL_DURING_CHECKPOINT)
+    env = {**os.environ, "KILL_WHERE": where, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(driver), *fast_settings(tiny, killed)], env=env,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == -9, result.stderr
+    assert (killed / "checkpoint.tmp").exists()  # the unfinished write is left behind ...
+    assert (killed / ("checkpoint" if where == "before_swap" else "checkpoint.old")).exists()
+    train.main(fast_settings(tiny, killed, "--resume=True"))  # ... and ignored on resume
+    for k in (4, 8):
+        a = load_file(straight / f"k{k}" / "sae.safetensors")
+        b = load_file(killed / f"k{k}" / "sae.safetensors")
+        assert all(torch.equal(a[n], b[n]) for n in a)

@@ -45,6 +45,15 @@ def write_tokenizer(folder, arch):
     tokenizer.save(str(folder / "tokenizer.json"))
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The embedded offline default (prepare.py: tiny random GPT-NeoX + stdlib tokens), shrunk."""
+    import prepare
+    folder = tmp_path_factory.mktemp("tiny")
+    prepare.main([f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000"])
+    return folder
+
+
 @pytest.fixture
 def make_hf_model(tmp_path):
     """make_hf_model(arch, spelling="hub", shard_size=None, tokenizer=False, seed=0, **config) -> folder.

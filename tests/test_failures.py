@@ -21,14 +21,6 @@ from test_train import fast_settings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    import prepare
-    folder = tmp_path_factory.mktemp("tiny")
-    prepare.main([f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000"])
-    return folder
-
-
 def run_script(script, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})

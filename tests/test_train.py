@@ -21,13 +21,6 @@ from configurator import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    prepare.main([f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000"])
-    return folder
-
-
 def fast_settings(tiny, out_dir, *overrides):
     return [f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", f"--out_dir={out_dir}",
             "--ctx_len=64", "--llm_batch_rows=8", "--buffer_tokens=2048", "--batch_size=256",

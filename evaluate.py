@@ -1,0 +1,1633 @@
+"""
+Evaluate sparse autoencoders with every metric the paper reports (arXiv 2604.06495 §3): core
+reconstruction (L0, explained variance, CE loss recovered), Mean Full Absorption, sparse probing,
+SCR, TPP, and OOD probing against a dense "oracle" probe. Each metric is the algorithm written down
+in /work/shared/reference/metrics.md (SAEBench v0.6.0 defaults; SAE-Probes for OOD), reimplemented
+with numpy and torch; "§N" below is that file's section N. Every metric is a function on
+activations and an SAE; main() loads the model, data and SAEs and composes them.
+
+Run (from the repository root):
+  python evaluate.py out/tiny                                   # every SAE under out/tiny, offline
+  python evaluate.py out/tiny_p0 out/tiny                       # + the baseline-vs-masked table
+  python evaluate.py configs/pythia160m.py out/pythia160m_p0 out/pythia160m_p0.3
+  python evaluate.py out/tiny --metrics="['core']" --rerun=True
+
+A positional folder is a run (one subfolder per SAE holding sae.safetensors + cfg.json, as
+train.py writes them) or a single SAE folder; every other argument goes to configurator.py
+(config files, --key=value). Model and layer come from each SAE's cfg.json, the core eval text
+from tokens_dir (the SAE cfg's "tokens_dir" when it records one, else --tokens_dir or a config).
+
+Outputs: <sae>/eval.json (every number, the settings that produced it, and what was skipped), a
+table per run on stdout, and with two or more runs `comparison_file` (Markdown: metric x SAE, the
+first run against each other run, with deltas) plus a PNG of each metric against L0 next to it
+when matplotlib is installed. LLM activations are cached in `cache_dir`, keyed by the model, the
+layer and the exact token rows, so every SAE on one model/layer (and later runs) shares them;
+model-level probes are trained once per invocation and seeded, so reruns reproduce them.
+
+Data: one folder per dataset under `eval_data_dir` (e.g. data/eval/):
+  <name>/train.jsonl, <name>/test.jsonl   one JSON object per line: {"text": str, "label": str,
+      "attr": str}; "attr" (optional) is the spurious attribute for SCR, e.g. gender or rating.
+  OOD pairs (`ood_tasks`): an in-distribution and an OOD file, .jsonl as above or SAE-Probes'
+      .csv / .csv.zst (columns prompt, target; .zst needs the zstandard package).
+The offline default builds small stdlib_* datasets from Python's standard-library docstrings:
+which package a docstring documents (5 classes), half of them rewritten as "#" comments (the
+spurious attribute for SCR), and class-vs-function docstrings with an upper-cased or word-reversed
+copy as the OOD shift. With --download=True the SAEBench hub datasets (bias_in_bios,
+amazon_reviews, amazon_sentiment, ag_news, europarl, github_code, openwebtext) are fetched with
+huggingface_hub into its cache and converted into this layout (parquet needs pyarrow). The
+SAE-Probes OOD files are not on the hub: copy them into eval_data_dir yourself.
+"""
+import ast
+import contextlib
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+
+import configurator
+import model as model_lib
+import prepare
+import sae as sae_lib
+
+# -----------------------------------------------------------------------------
+# what to evaluate ("" / -1: read from each SAE's cfg.json)
+model_dir = ""
+layer = -1
+tokens_dir = ""                    # prepare.py tokens for the core eval text; "" = the SAE cfg's
+metrics = ["core", "absorption", "sparse_probing", "scr", "tpp", "ood"]
+rerun = False                      # recompute metrics an eval.json already holds
+eval_data_dir = "data/eval"
+cache_dir = "out/cache"            # LLM activations, shared by all SAEs on one model/layer
+download = False                   # fetch missing SAEBench hub datasets (needs network)
+comparison_file = "out/comparison.md"
+# system
+device = "auto"                    # auto | cpu | cuda | cuda:N
+llm_dtype = "auto"                 # auto = bfloat16 for Gemma-2, float32 otherwise (§0)
+sae_dtype = "float32"              # SAEBench casts the SAE to the LLM dtype: "bfloat16" matches it
+llm_batch_rows = 32                # rows per LLM forward when harvesting probe data
+sae_batch_tokens = 4096            # tokens per SAE encode call
+eval_seed = 42                     # SAEBench's seed (§0); train.py's `seed` is another setting
+# core (§1)
+core_dataset = "val"               # "val" = tokens_dir/val.bin; else a text dataset folder ("openwebtext")
+core_ctx = 128                     # BOS + 127 tokens per row
+core_batch_rows = 16               # SAEBench's batch; the legacy EV's batch mean depends on it
+core_tokens = 4_096_000            # sparsity / variance / density tokens (2000 batches)
+core_ce_tokens = 409_600           # CE loss recovered and KL tokens (200 batches)
+# absorption (§2)
+absorption_icl_examples = 10
+absorption_max_k = 10
+absorption_f1_jump = 0.03
+absorption_probe_f1_gate = 0.6     # letters whose ground-truth probe F1 is lower are dropped
+absorption_min_letters = 20        # fewer kept letters: a warning (SAEBench aborts)
+absorption_min_letter_tokens = 10  # letters with fewer vocabulary tokens are skipped (small tokenizers)
+absorption_cos_full = 0.025
+absorption_cos_fraction = 0.1
+absorption_projection_share = 0.4
+absorption_max_absorbers = 3
+# sparse probing (§3): (task name, dataset folder, classes)
+probing_tasks = [("stdlib_docs", "stdlib_docs", ["asyncio", "email", "importlib", "logging", "tkinter"])]
+probing_train_per_class = 2000     # 4000 train / 1000 test texts per one-vs-rest probe
+probing_test_per_class = 500
+probing_ctx = 128
+probing_ks = [1, 2, 5]
+# SCR (§4): (dataset folder, class 1, class 2, attribute 1, attribute 2); TPP (§5): as probing_tasks
+scr_runs = [("stdlib_docs", "asyncio", "email", "plain", "comment"),
+            ("stdlib_docs", "importlib", "logging", "plain", "comment")]
+scr_train_per_cell = 1000
+scr_test_per_cell = 250
+scr_probe_batch = 16               # controls how much of the spurious signal the probe learns (§4)
+tpp_tasks = [("stdlib_docs", "stdlib_docs", ["asyncio", "email", "importlib", "logging", "tkinter"])]
+ablation_ns = [2, 5, 10, 20, 50, 100, 500]
+headline_n = 20
+# OOD probing (§6): (task name, ID file, OOD file), paths under eval_data_dir
+ood_tasks = [("stdlib_kind_upper", "stdlib_kind/id.jsonl", "stdlib_kind/ood_upper.jsonl"),
+             ("stdlib_kind_reversed", "stdlib_kind/id.jsonl", "stdlib_kind/ood_reversed.jsonl")]
+ood_max_tokens = 1024
+ood_ks = [128, 16]
+ood_pool_rows = 1500               # training rows come from the first 1500 ID rows
+ood_train_per_class = 512
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_EPS = 1e-8                        # §2: a main latent with |a| below this is silent
+_PROMPT_SUFFIX = " has the first letter:"
+
+
+def _progress(desc, done, total, t0):
+    """One line per ~10% of a long loop (and at its end)."""
+    step = max(1, total // 10)
+    if done == total or done % step == 0:
+        print(f"  {desc}: {done}/{total} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def _write_atomic(path, data):
+    """Write to path + '.tmp', fsync, rename: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# LLM activations (§0): BOS first, special positions dropped through m.valid_mask
+
+def tokenize(tokenizer, texts, bos_id, max_len, keep="start"):
+    """Token rows [BOS] + ids, at most max_len long, keeping the text's start (§3) or end (§6)."""
+    rows = []
+    for enc in tokenizer.encode_batch(list(texts), add_special_tokens=False):
+        ids = enc.ids[:max_len - 1] if keep == "start" else enc.ids[len(enc.ids) - (max_len - 1):]
+        rows.append([bos_id] + ids)
+    return rows
+
+
+@torch.no_grad()
+def residuals(m, rows, layer, batch_rows, positions=None, desc="residuals"):
+    """Residual stream after block `layer` (fp32, CPU) for token rows (lists of ids, right-padded).
+    positions=None: every valid position (no BOS/EOS/pad), flattened to (N, d), plus the number of
+    valid positions per row (n_rows,). Else one position per row, (n_rows, d)."""
+    device = next(m.parameters()).device
+    pad_id = m.cfg.pad_token_id if m.cfg.pad_token_id is not None else m.cfg.eos_token_id
+    out, counts, t0 = [], [], time.time()
+    n_batches = math.ceil(len(rows) / batch_rows)
+    for b, start in enumerate(range(0, len(rows), batch_rows)):
+        batch = rows[start:start + batch_rows]
+        width = max(len(r) for r in batch)
+        idx = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            idx[i, :len(r)] = torch.tensor(r)
+            attention[i, :len(r)] = 1
+        idx, attention = idx.to(device), attention.to(device)
+        resid = m.resid_post(idx, layer, attention).float()
+        if positions is None:
+            valid = m.valid_mask(idx, attention)
+            out.append(resid[valid].cpu())
+            counts.append(valid.sum(1).cpu())
+        else:
+            pos = torch.tensor(positions[start:start + len(batch)], device=device)
+            out.append(resid[torch.arange(len(batch), device=device), pos].cpu())
+        _progress(desc, b + 1, n_batches, t0)
+    return (torch.cat(out), torch.cat(counts)) if positions is None else torch.cat(out)
+
+
+def cached_residuals(llm, rows, name, positions=None):
+    """residuals(), cached on disk under a hash of (model, layer, dtype, rows, positions): any
+    change in data, tokenizer or selection gives a new key, so a stale cache is never read."""
+    spec = json.dumps([llm.key, llm.layer, str(llm.dtype), positions, rows])
+    digest = hashlib.sha1(spec.encode()).hexdigest()[:16]
+    path = os.path.join(llm.cache_dir, f"{name}-L{llm.layer}-{digest}.safetensors")
+    if os.path.exists(path):
+        tensors = load_file(path)
+        return (tensors["acts"], tensors["counts"]) if "counts" in tensors else tensors["acts"]
+    result = residuals(llm.m, rows, llm.layer, llm.batch_rows, positions, desc=f"LLM {name}")
+    tensors = {"acts": result[0], "counts": result[1]} if positions is None else {"acts": result}
+    _write_atomic(path, save(tensors))
+    return result
+
+
+@torch.no_grad()
+def encode(sae, x, batch_tokens=4096):
+    """sae.encode on (N, d) in chunks on the SAE's device and dtype; fp32 on the CPU."""
+    w = sae.W_enc
+    return torch.cat([sae.encode(chunk.to(w.device, w.dtype)).float().cpu()
+                      for chunk in x.split(batch_tokens)]) if len(x) else torch.zeros(0, w.shape[1])
+
+
+@torch.no_grad()
+def mean_pool(acts, counts, sae=None, batch_tokens=4096):
+    """§0 mean pooling over each text's valid positions; acts (N, d) grouped by counts (n_texts,).
+    With an SAE, every position is encoded first and the latents are pooled (never the reverse)."""
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    width = acts.shape[1] if sae is None else sae.W_dec.shape[0]
+    sums = torch.zeros(len(counts), width, dtype=torch.float64)
+    for start in range(0, len(acts), batch_tokens):
+        chunk = acts[start:start + batch_tokens]
+        values = chunk if sae is None else encode(sae, chunk, batch_tokens)
+        sums.index_add_(0, owner[start:start + batch_tokens], values.double())
+    return (sums / counts[:, None].double().clamp(min=1)).float()  # a text with no valid token: 0
+
+
+# -----------------------------------------------------------------------------
+# Probes shared by every metric (§0): one logistic regression (L2 / L1), AUC, F1, and the
+# minibatch probe SAEBench trains with Adam(W)
+
+def logistic_regression(x, y, C=1.0, penalty="l2", balanced=False, max_iter=None, tol=1e-9):
+    """Binary logistic regression in float64 with an unpenalised intercept (§0):
+      L2: minimise 0.5‖w‖² + C·Σ s_i·logloss_i (sklearn's objective) by Newton's method;
+      L1: minimise ‖w‖₁ + C·Σ s_i·logloss_i by FISTA (proximal gradient with momentum).
+    s_i = n / (2·n_{y_i}) with balanced=True, else 1. Both stop when the (proximal) gradient is
+    below tol × C·Σs, or after max_iter iterations (Newton 100, FISTA 5000).
+    Returns (w (d,), b) as float64 tensors."""
+    x = torch.as_tensor(x).double().numpy()
+    y = torch.as_tensor(y).double().numpy()
+    s = np.ones(len(y))
+    if balanced:
+        n_pos = y.sum()
+        s = np.where(y > 0, len(y) / (2 * max(n_pos, 1)), len(y) / (2 * max(len(y) - n_pos, 1)))
+    if penalty == "l2":
+        w, b = _newton_l2(x, y, s, C, max_iter or 100, tol)
+    elif penalty == "l1":
+        w, b = _fista_l1(x, y, s, C, max_iter or 5000, tol)
+    else:
+        raise ValueError(f"penalty must be 'l2' or 'l1', got {penalty!r}")
+    return torch.from_numpy(w), torch.tensor(b)
+
+
+def _sigmoid(z):
+    return np.exp(-np.logaddexp(0, -z))
+
+
+def _newton_l2(x, y, s, C, max_iter, tol):
+    """Newton with Armijo backtracking on 0.5‖w‖² + C·Σ s·logloss; converges in ~10-20 steps."""
+    n, d = x.shape
+    xb = np.concatenate([x, np.ones((n, 1))], 1)
+
+    def objective(theta):
+        z = xb @ theta
+        return 0.5 * theta[:d] @ theta[:d] + C * (s * (np.logaddexp(0, z) - y * z)).sum()
+
+    theta, value = np.zeros(d + 1), objective(np.zeros(d + 1))
+    for _ in range(max_iter):
+        p = _sigmoid(xb @ theta)
+        gradient = C * xb.T @ (s * (p - y))
+        gradient[:d] += theta[:d]
+        if np.abs(gradient).max() <= tol * max(1.0, C * s.sum()):
+            break
+        hessian = C * (xb.T * (s * p * (1 - p))) @ xb
+        hessian[:d, :d] += np.eye(d)
+        step = -np.linalg.solve(hessian + 1e-12 * np.eye(d + 1), gradient)
+        t = 1.0
+        while t > 1e-12:
+            candidate = objective(theta + t * step)
+            if candidate <= value + 1e-4 * t * (gradient @ step):
+                break
+            t /= 2
+        if t <= 1e-12:
+            break  # no further progress in float64
+        theta, value = theta + t * step, candidate
+    return theta[:d], theta[d]
+
+
+def _fista_l1(x, y, s, C, max_iter, tol):
+    """FISTA with adaptive restart (O'Donoghue & Candès) on ‖w‖₁ + C·Σ s·logloss. It runs on
+    centred, unit-variance features, which leaves the objective unchanged (v_j = σ_j·w_j, the
+    penalty becomes Σ|v_j|/σ_j, the intercept absorbs the means) but conditions it far better.
+    On near-separable data at large C the optimum lies at very large weights and the fit stops at
+    max_iter, as sklearn's saga (SAE-Probes' L1 solver, max_iter 1000) does."""
+    n, d = x.shape
+    mean, std = x.mean(0), x.std(0)
+    std[std == 0] = 1.0
+    z = np.concatenate([(x - mean) / std, np.ones((n, 1))], 1)
+    penalty = np.append(1 / std, 0.0)                           # the intercept is not penalised
+    lipschitz = 0.25 * C * s.max() * np.linalg.eigvalsh(z.T @ z)[-1]  # of ∇ C·Σ s·logloss
+    theta = np.zeros(d + 1)
+    ahead, t = theta.copy(), 1.0
+    for _ in range(max_iter):
+        gradient = C * z.T @ (s * (_sigmoid(z @ ahead) - y))
+        new = ahead - gradient / lipschitz
+        new = np.sign(new) * np.maximum(np.abs(new) - penalty / lipschitz, 0.0)
+        mapping = lipschitz * (ahead - new)                     # proximal-gradient mapping
+        if (ahead - new) @ (new - theta) > 0:                   # momentum points uphill: restart
+            t = 1.0
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        ahead = new + ((t - 1) / t_next) * (new - theta)
+        theta, t = new, t_next
+        if np.abs(mapping).max() <= tol * max(1.0, C * s.sum()):
+            break
+    w = theta[:d] / std
+    return w, theta[d] - mean @ w
+
+
+def roc_auc(scores, y):
+    """Area under the ROC curve by ranks, ties averaged (the Mann-Whitney U statistic)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]  # 1-based average rank of each tie group
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def f1_score(predicted, actual):
+    """Binary F1 = 2TP / (2TP + FP + FN); 0 when there is nothing to find or predict."""
+    predicted, actual = np.asarray(predicted, bool), np.asarray(actual, bool)
+    tp = np.sum(predicted & actual)
+    wrong = np.sum(predicted != actual)
+    return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
+
+
+def accuracy(w, b, x, y):
+    """Accuracy of the linear probe logit = x·w + b > 0 (probability 0.5)."""
+    logits = torch.as_tensor(x, dtype=torch.float64) @ torch.as_tensor(w, dtype=torch.float64) + float(b)
+    return float(((logits > 0) == torch.as_tensor(y).bool()).double().mean())
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """For tiny probe ops thread synchronisation costs more than it saves (40x on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_probe_sgd(x, y, epochs, batch_size, lr, weight_decay, decoupled=True, lr_end=None,
+                    l1=0.0, pos_weight=None, x_test=None, y_test=None, patience=None, seed=0):
+    """A minibatch linear probe as SAEBench trains them (§2.2-3, §3.5, §4). y: (n,) or (n, C) in
+    {0, 1}. Loss: BCE with logits (pos_weight per output) + l1·(mean over outputs of Σ|w|).
+    AdamW (decoupled=True) or Adam with its L2 weight decay; lr decays exponentially to lr_end
+    over the epochs when given. With test data the epoch of best test accuracy is kept, which
+    is optimistic, exactly as SAEBench does; `patience` epochs without a gain stop training.
+    Returns (weight (C, d) or (d,), bias (C,) or scalar, best test accuracy or None)."""
+    single = y.dim() == 1
+    targets = y.float().reshape(len(y), -1)
+    x = x.float()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = nn.Linear(x.shape[1], targets.shape[1])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
+        probe.parameters(), lr=lr, weight_decay=weight_decay)
+    gamma = (lr_end / lr) ** (1 / epochs) if lr_end else 1.0
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
+    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    best, best_state, stale = -1.0, None, 0
+    with _one_thread():
+        for _ in range(epochs):
+            with torch.enable_grad():
+                for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+                    loss = bce(probe(x[batch]), targets[batch])
+                    if l1:
+                        loss = loss + l1 * probe.weight.abs().sum(-1).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            scheduler.step()
+            if x_test is None:
+                continue
+            with torch.no_grad():
+                predicted = (probe(x_test.float()) > 0).float()
+            test_accuracy = float((predicted == y_test.float().reshape(len(y_test), -1)).float().mean())
+            if test_accuracy > best:
+                best, best_state, stale = test_accuracy, copy.deepcopy(probe.state_dict()), 0
+            else:
+                stale += 1
+                if patience and stale >= patience:
+                    break
+    if best_state is not None:
+        probe.load_state_dict(best_state)
+    weight, bias = probe.weight.detach(), probe.bias.detach()
+    if single:
+        weight, bias = weight[0], bias[0]
+    return weight, bias, (best if x_test is not None else None)
+
+
+# -----------------------------------------------------------------------------
+# §1 Core: sparsity, reconstruction, CE loss recovered, latent density
+
+def l0(f):
+    """Mean number of non-zero latents per token, for f of any shape (..., F) (§1.2)."""
+    return float((f != 0).sum(-1).double().mean())
+
+
+def new_core_sums(d_in, d_sae):
+    """float64 accumulators for add_core_batch (§1.3)."""
+    zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+    return dict(tokens=0, batches=0, l0=0.0, l1=0.0, s1=zeros(d_in), s2=0.0, sse=0.0,
+                ev_legacy=0.0, sse_per_batch=0.0, s2_per_batch=0.0,
+                cossim=0.0, l2_ratio=0.0, l2_in=0.0, l2_out=0.0, rel_bias=0.0, fired=zeros(d_sae))
+
+
+@torch.no_grad()
+def add_core_batch(sums, x, f, x_hat):
+    """Add one batch: x, f = encode(x), x_hat = decode(f) at the batch's valid positions (§1.1-6)."""
+    x, f, x_hat = x.double(), f.double(), x_hat.double()
+    n = len(x)
+    err = (x - x_hat).pow(2).sum(1)              # ‖x_t − x̂_t‖²
+    sq = x.pow(2).sum(1)                         # ‖x_t‖²
+    centred = (x - x.mean(0)).pow(2).sum(1)      # ‖x_t − μ_b‖², μ_b = this batch's mean
+    norm_in, norm_out = x.norm(dim=1), x_hat.norm(dim=1)
+    sums["tokens"] += n
+    sums["batches"] += 1
+    sums["l0"] += l0(f) * n
+    sums["l1"] += f.sum().item()
+    sums["s1"] += x.sum(0)
+    sums["s2"] += sq.sum().item()
+    sums["sse"] += err.sum().item()
+    sums["ev_legacy"] += (1 - err / centred).sum().item()
+    sums["sse_per_batch"] += err.sum().item() / n       # SSE_b / N_b
+    sums["s2_per_batch"] += sq.sum().item() / n
+    sums["cossim"] += ((x * x_hat).sum(1) / (norm_in * norm_out).clamp(min=1e-12)).sum().item()
+    sums["l2_ratio"] += (norm_out / torch.where(norm_in < 1e-4, 1.0, norm_in)).sum().item()
+    sums["l2_in"] += norm_in.sum().item()
+    sums["l2_out"] += norm_out.sum().item()
+    sums["rel_bias"] += (norm_out.pow(2).mean() / (x * x_hat).sum(1).mean()).item()
+    sums["fired"] += (f > 0).sum(0)
+
+
+def finish_core(sums):
+    """§1.4-6, §1.8 from the accumulators. Three explained-variance forms, labelled (§1.5)."""
+    n, b, d = sums["tokens"], sums["batches"], len(sums["s1"])
+    total_variance = sums["s2"] - sums["s1"].pow(2).sum().item() / n  # Σ‖x − x̄‖², x̄ global mean
+    q = sums["s2_per_batch"] / (b * d)  # SAELens squares a mean *square* here (§1.5)
+    density = sums["fired"] / n
+    return {
+        "tokens": n,
+        "l0": sums["l0"] / n,
+        "l1": sums["l1"] / n,
+        "mse": sums["sse"] / (n * d),
+        "mse_saebench": sums["sse_per_batch"] / n,  # mean over tokens of ‖x_t − x̂_t‖²/N_b (§1.4)
+        "explained_variance": 1 - sums["sse"] / total_variance,
+        "explained_variance_legacy": sums["ev_legacy"] / n,
+        "explained_variance_saebench_current":
+            1 - (sums["sse_per_batch"] / b) / (sums["s2_per_batch"] / b - q * q),
+        "cossim": sums["cossim"] / n,
+        "l2_ratio": sums["l2_ratio"] / n,
+        "l2_norm_in": sums["l2_in"] / n,
+        "l2_norm_out": sums["l2_out"] / n,
+        "relative_reconstruction_bias": sums["rel_bias"] / b,
+        "frac_alive": float((density > 0).double().mean()),
+        "frac_dense_above_10pct": float((density > 0.1).double().mean()),
+        "frac_dense_above_1pct": float((density > 0.01).double().mean()),
+        "latent_density": density.tolist(),
+    }
+
+
+def _next_token_sums(logprobs, idx, mask, clean_logprobs):
+    """Σ over masked positions of next-token CE, and of KL(p_clean ‖ p) (§1.7). mask (B, T-1)."""
+    logprobs, clean = logprobs[:, :-1][mask], clean_logprobs[:, :-1][mask]
+    ce = -logprobs.gather(1, idx[:, 1:][mask][:, None]).sum()
+    kl = (clean.exp() * (clean - logprobs)).sum()
+    return ce.item(), kl.item()
+
+
+@torch.no_grad()
+def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens=4096):
+    """§1 for several SAEs at once (one LLM pass per batch serves all of them).
+    rows: (n, T) token ids, BOS first. The first ce_rows rows (all if None) also get the CE/KL
+    passes: the SAE's x̂ spliced in at valid positions (special positions keep their activation)
+    and a zero-ablation of every position. Returns one dict per SAE."""
+    device = next(m.parameters()).device
+    ce_rows = len(rows) if ce_rows is None else ce_rows
+    sums = [new_core_sums(m.cfg.d_model, sae.W_dec.shape[0]) for sae in saes]
+    clean_ce = zero_ce = zero_kl = ce_tokens = 0.0
+    sae_ce, sae_kl = [0.0] * len(saes), [0.0] * len(saes)
+    n_batches, t0 = math.ceil(len(rows) / batch_rows), time.time()
+    for b, start in enumerate(range(0, len(rows), batch_rows)):
+        idx = torch.as_tensor(rows[start:start + batch_rows], dtype=torch.long).to(device)
+        resid = m.resid_post(idx, layer)
+        valid = m.valid_mask(idx)
+        x = resid[valid].float()
+        with_ce = start < ce_rows
+        if with_ce:
+            clean = F.log_softmax(m.forward_from(resid, layer).float(), -1)
+            loss_mask = valid[:, :-1]  # loss at t predicts t+1; counted where t is valid (§1.7)
+            ce_tokens += loss_mask.sum().item()
+            clean_ce += _next_token_sums(clean, idx, loss_mask, clean)[0]
+            zero = F.log_softmax(m.forward_from(torch.zeros_like(resid), layer).float(), -1)
+            ce, kl = _next_token_sums(zero, idx, loss_mask, clean)
+            zero_ce, zero_kl = zero_ce + ce, zero_kl + kl
+            del zero
+        for i, sae in enumerate(saes):
+            w = sae.W_enc
+            f = torch.cat([sae.encode(c.to(w.device, w.dtype)) for c in x.split(batch_tokens)])
+            x_hat = sae.decode(f).float().to(device)
+            add_core_batch(sums[i], x, f, x_hat)
+            if with_ce:
+                spliced = resid.clone()
+                spliced[valid] = x_hat.to(resid.dtype)
+                logprobs = F.log_softmax(m.forward_from(spliced, layer).float(), -1)
+                ce, kl = _next_token_sums(logprobs, idx, loss_mask, clean)
+                sae_ce[i], sae_kl[i] = sae_ce[i] + ce, sae_kl[i] + kl
+        _progress("core", b + 1, n_batches, t0)
+    results = []
+    for i in range(len(saes)):
+        r = finish_core(sums[i])
+        ce_clean, ce_zero, ce_sae = clean_ce / ce_tokens, zero_ce / ce_tokens, sae_ce[i] / ce_tokens
+        kl_zero, kl_sae = zero_kl / ce_tokens, sae_kl[i] / ce_tokens
+        r.update(ce_tokens=int(ce_tokens), ce_loss_without_sae=ce_clean, ce_loss_with_sae=ce_sae,
+                 ce_loss_with_ablation=ce_zero, ce_loss_score=(ce_zero - ce_sae) / (ce_zero - ce_clean),
+                 delta_lm_loss=ce_sae - ce_clean, kl_div_with_sae=kl_sae, kl_div_with_ablation=kl_zero,
+                 kl_div_score=(kl_zero - kl_sae) / kl_zero)
+        results.append(r)
+    return results
+
+
+def core_rows(llm, cfg):
+    """(n, core_ctx) rows of BOS + 127 tokens from a flat token stream (documents joined by EOS),
+    shuffled with the seed (§1). Source: tokens_dir/val.bin or a text dataset folder."""
+    per_row = cfg.core_ctx - 1
+    if cfg.core_dataset == "val":
+        if not llm.tokens_dir:
+            raise ValueError("core_dataset='val' needs tokens_dir: pass --tokens_dir=... or a config file "
+                             "(the SAE's cfg.json records no tokens_dir)")
+        stream, meta = prepare.open_tokens(llm.tokens_dir, "val")
+        with open(os.path.join(llm.model_dir, "tokenizer.json"), "rb") as f:
+            tokenizer_sha256 = hashlib.sha256(f.read()).hexdigest()
+        if (meta.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256
+                or meta["eos_token_id"] != llm.m.cfg.eos_token_id):
+            raise ValueError(f"{llm.tokens_dir} was not tokenized with {llm.model_dir}/tokenizer.json "
+                             "(meta.json's tokenizer_sha256 / eos_token_id differ): pass the matching "
+                             "--tokens_dir or config file")
+    else:
+        texts = [r["text"] for r in read_rows(dataset_file(cfg, f"{cfg.core_dataset}/train.jsonl"))]
+        ids = [i for enc in llm.tokenizer.encode_batch(texts, add_special_tokens=False)
+               for i in enc.ids + [llm.m.cfg.eos_token_id]]
+        stream = np.asarray(ids, dtype=np.int64)
+    n_available = len(stream) // per_row
+    if n_available == 0:
+        raise ValueError(f"the core text has {len(stream)} tokens, fewer than one row of {cfg.core_ctx}")
+    n_rows = max(cfg.core_tokens, cfg.core_ce_tokens) // cfg.core_ctx
+    if n_available < n_rows:
+        print(f"  note: core text has {n_available * cfg.core_ctx:,} tokens, fewer than the "
+              f"{n_rows * cfg.core_ctx:,} asked for: using them all")
+    order = np.random.default_rng(cfg.eval_seed).permutation(n_available)[:n_rows]
+    rows = np.stack([np.asarray(stream[i * per_row:(i + 1) * per_row], dtype=np.int64) for i in order])
+    return np.concatenate([np.full((len(rows), 1), llm.m.cfg.bos_token_id), rows], 1)
+
+
+def run_core(llm, saes, cfg):
+    # CE/KL run on the first core_ce_tokens of the shuffled rows, the sparsity and variance
+    # metrics on all of them (core_tokens; the larger of the two if they were swapped)
+    rows = core_rows(llm, cfg)
+    n_ce = min(len(rows), cfg.core_ce_tokens // cfg.core_ctx)
+    return core_metrics(llm.m, llm.layer, saes, rows, cfg.core_batch_rows, n_ce, cfg.sae_batch_tokens)
+
+
+# -----------------------------------------------------------------------------
+# §2 Feature absorption: Mean Full Absorption and absorption fraction (SAEBench projection variant)
+
+def absorption_vocabulary(tokenizer):
+    """§2.1: (token id, word, letter index) for tokens that are purely [a-zA-Z] once a leading
+    Ġ/▁ is read as a space and at most one leading space is stripped. The word keeps its space,
+    so the prompt reproduces the token. (The "[\\d<>]" exclusion is implied by [a-zA-Z] only.)"""
+    vocabulary = []
+    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+        word = tokenizer.id_to_token(token_id)
+        if word is None:
+            continue
+        if word[:1] in ("Ġ", "▁"):
+            word = " " + word[1:]
+        bare = word[1:] if word.startswith(" ") else word
+        if bare and bare.isascii() and bare.isalpha():
+            vocabulary.append((token_id, word, _LETTERS.index(bare[0].lower())))
+    return vocabulary
+
+
+def first_letter_prompt(word, examples):
+    """§2: ICL lines "{w} has the first letter: {W}" joined by "\\n" (one before the first too),
+    then "{word} has the first letter:"."""
+    lines = [f"{w}{_PROMPT_SUFFIX} {w.strip()[0].upper()}" for w in examples]
+    return "\n" + "\n".join(lines) + "\n" + word + _PROMPT_SUFFIX
+
+
+def absorption_prompts(tokenizer, bos_id, entries, example_words, n_examples, rng):
+    """Token rows and word positions for ICL prompts, one per (token id, word, letter) entry,
+    with examples drawn from example_words (never the word itself). A prompt whose tokenization
+    does not put the word's own token just before the suffix is dropped (keep[i] False)."""
+    suffix_len = len(tokenizer.encode(_PROMPT_SUFFIX, add_special_tokens=False).ids)
+    texts = []
+    for _, word, _ in entries:
+        pool = rng.sample(example_words, min(len(example_words), n_examples + 1))
+        texts.append(first_letter_prompt(word, [w for w in pool if w != word][:n_examples]))
+    rows, positions, keep = [], [], []
+    for (token_id, _, _), enc in zip(entries, tokenizer.encode_batch(texts, add_special_tokens=False)):
+        row = [bos_id] + enc.ids
+        pos = len(row) - 1 - suffix_len
+        keep.append(row[pos] == token_id)
+        if keep[-1]:
+            rows.append(row)
+            positions.append(pos)
+    return rows, positions, np.array(keep, dtype=bool)
+
+
+def letter_probe(x, letters, epochs=50, batch_size=64, lr=1e-2, lr_end=1e-5, weight_decay=1e-4,
+                 l1=0.0, seed=0):
+    """§2.2-3: 26 one-vs-rest logistic outputs, BCE with pos_weight = n_neg/n_pos per letter,
+    Adam with lr decaying exponentially from lr to lr_end. Returns (W (26, d), b (26,))."""
+    targets = F.one_hot(torch.as_tensor(letters), len(_LETTERS)).float()
+    n_pos = targets.sum(0)
+    pos_weight = (len(targets) - n_pos) / n_pos.clamp(min=1)
+    w, b, _ = train_probe_sgd(x, targets, epochs, batch_size, lr, weight_decay, decoupled=False,
+                              lr_end=lr_end, l1=l1, pos_weight=pos_weight, seed=seed)
+    return w, b
+
+
+def main_latents_from_f1(f1_by_k, latents_by_k, jump=0.03):
+    """§2.4 F1-jump rule: grow k while F1_k > best-so-far + jump; the last accepted latents win."""
+    previous, main = -100.0, []
+    for f1, latents in zip(f1_by_k, latents_by_k):
+        if f1 <= previous + jump:
+            break
+        previous, main = f1, list(latents)
+    return main
+
+
+def k_sparse_main_latents(f_train, letters_train, f_test, letters_test, evaluated_letters,
+                          max_k=10, jump=0.03, seed=0):
+    """§2.3-4: a 26-way L1 probe on the SAE latents ranks latents per letter by signed weight;
+    for k = 1..max_k a balanced L2 logistic regression on the top-k latents gives test F1_k;
+    the F1-jump rule picks the main (split) latents. Returns {letter: (main, [F1_k])}."""
+    # SAEBench's batch of 4096 assumes a vocabulary of ≥ ~25k words (≥ 6 steps an epoch, 300 in
+    # all); a smaller vocabulary gets a smaller batch so the probe still takes ~300 steps and its
+    # ranking is not just its random initialisation. Pythia and Gemma keep 4096.
+    batch_size = min(4096, max(64, math.ceil(len(f_train) / 6)))
+    weights, _ = letter_probe(f_train, letters_train, batch_size=batch_size, weight_decay=1e-6, l1=0.01,
+                              seed=seed)
+    letters_train, letters_test = np.asarray(letters_train), np.asarray(letters_test)
+    result = {}
+    for c in evaluated_letters:
+        ranking = weights[c].argsort(descending=True)
+        y_train, y_test = letters_train == c, letters_test == c
+        f1s, latent_sets = [], []
+        for k in range(1, min(max_k, f_train.shape[1]) + 1):
+            chosen = ranking[:k]
+            w, b = logistic_regression(f_train[:, chosen], y_train, C=1.0, balanced=True)
+            predicted = (f_test[:, chosen].double() @ w + b > 0).numpy()
+            f1s.append(f1_score(predicted, y_test))
+            latent_sets.append(chosen.tolist())
+        result[c] = (main_latents_from_f1(f1s, latent_sets, jump), f1s)
+    return result
+
+
+def word_absorption(x, latents, probe_direction, W_dec, main_latents, cos_full=0.025,
+                    cos_fraction=0.1, projection_share=0.4, max_absorbers=3):
+    """§2.6-8 for the words of one letter. x (n, d) residuals at the word, latents = encode(x)
+    (n, F), probe_direction (d,) the letter's ground-truth probe row, W_dec (F, d).
+    Returns (full absorption (n,) bool, absorption fraction (n,) float64)."""
+    x, latents, W_dec = x.double(), latents.double(), W_dec.double()
+    p = probe_direction.double() / probe_direction.double().norm()
+    cos = (W_dec @ p) / W_dec.norm(dim=1).clamp(min=1e-12)    # cos(p, W_dec[f])
+    projection = latents * cos                                 # proj_f = a_f·cos_f
+    P = x @ p                                                  # raw x: no bias, no centring
+    main = torch.as_tensor(main_latents, dtype=torch.long)
+    is_main = torch.zeros(len(cos), dtype=torch.bool)
+    is_main[main] = True
+    # full absorption: main latents silent, top projector aligned and carrying ≥ share of P
+    top = projection.argmax(1)
+    top_projection = projection.gather(1, top[:, None])[:, 0]
+    full = ((latents[:, is_main].abs() < _EPS).all(1) & (cos[top] >= cos_full) & (P >= 0)
+            & (top_projection >= projection_share * P))
+    # absorption fraction: up to max_absorbers aligned, positive non-main latents share P with M
+    M = projection[:, is_main].sum(1)
+    candidates = torch.where(~is_main & (cos >= cos_fraction) & (projection > 0), projection, 0.0)
+    A = candidates.topk(min(max_absorbers, candidates.shape[1]), dim=1).values.sum(1)
+    absorbed = torch.minimum(A, P - M)
+    fraction = torch.where((M >= P) | (A / P < projection_share), 0.0,
+                           torch.where(M <= 0, 1.0, (absorbed / (absorbed + M)).clamp(0, 1)))
+    return full, fraction
+
+
+def aggregate_absorption(per_letter, f1_gate=0.6):
+    """§2.9: per letter full rate = #full/n_tp and fraction = Σ fraction/n_tp; unweighted means
+    over the letters whose ground-truth probe F1 exceeds the gate (and that have words).
+    per_letter: {letter: dict(f1_probe, n_tp, n_full, fraction_sum, n_main)}."""
+    kept = [c for c, r in per_letter.items() if r["f1_probe"] > f1_gate and r["n_tp"] > 0]
+    def mean(key, per_word=True):
+        values = [per_letter[c][key] / (per_letter[c]["n_tp"] if per_word else 1) for c in kept]
+        return float(np.mean(values)) if values else float("nan")
+
+    return dict(mean_full_absorption_score=mean("n_full"),
+                mean_absorption_fraction_score=mean("fraction_sum"),
+                mean_num_split_features=mean("n_main", per_word=False),
+                letters_kept=[_LETTERS[c] for c in kept])
+
+
+def run_absorption(llm, saes, cfg):
+    vocabulary = absorption_vocabulary(llm.tokenizer)
+    counts = np.bincount([c for _, _, c in vocabulary], minlength=len(_LETTERS))
+    evaluated = [c for c in range(len(_LETTERS)) if counts[c] >= cfg.absorption_min_letter_tokens]
+    skipped = [_LETTERS[c] for c in range(len(_LETTERS)) if c not in evaluated]
+    print(f"  absorption vocabulary: {len(vocabulary)} alphabetic tokens; letters with fewer than "
+          f"{cfg.absorption_min_letter_tokens} tokens skipped: {len(skipped)} ({''.join(skipped)})")
+    rng = random.Random(cfg.eval_seed)
+    shuffled = rng.sample(vocabulary, len(vocabulary))
+    split = int(0.8 * len(shuffled))
+    train, test = shuffled[:split], shuffled[split:]
+    bos = llm.m.cfg.bos_token_id
+
+    def harvest(entries, examples, name):
+        rows, positions, keep = absorption_prompts(llm.tokenizer, bos, entries, [w for _, w, _ in examples],
+                                                   cfg.absorption_icl_examples, rng)
+        kept = [e for e, k in zip(entries, keep) if k]
+        letters = np.array([c for _, _, c in kept], dtype=np.int64)
+        return cached_residuals(llm, rows, name, positions), letters, kept
+
+    # model level: the ground-truth letter probe on same-split ICL prompts (§2.2)
+    x_train, letters_train, _ = harvest(train, train, "absorption-train")
+    x_test, letters_test, test_kept = harvest(test, test, "absorption-test")
+    dropped = len(vocabulary) - len(letters_train) - len(letters_test)
+    probe_w, probe_b = letter_probe(x_train, letters_train, seed=cfg.eval_seed)
+    test_logits = x_test @ probe_w.T + probe_b
+    f1_probe = {c: f1_score((test_logits[:, c] > 0).numpy(), letters_test == c) for c in evaluated}
+    # words evaluated: test tokens the probe gets right (§2.5), each in a fresh ICL prompt (§2.6)
+    words = [e for e, row in zip(test_kept, test_logits) if e[2] in evaluated and row[e[2]] > 0]
+    x_words, letters_words, words = harvest(words, vocabulary, "absorption-words")
+    passing = sum(f1 > cfg.absorption_probe_f1_gate for f1 in f1_probe.values())
+    print(f"  absorption: {len(letters_train)}/{len(letters_test)} train/test prompts "
+          f"({dropped} dropped: word not one token in context), {len(letters_words)} probe "
+          f"true positives, {passing} letters with probe F1 > {cfg.absorption_probe_f1_gate}")
+    results = []
+    for i, sae in enumerate(saes):
+        print(f"  absorption: SAE {i + 1}/{len(saes)}", flush=True)
+        main = k_sparse_main_latents(encode(sae, x_train, cfg.sae_batch_tokens), letters_train,
+                                     encode(sae, x_test, cfg.sae_batch_tokens), letters_test, evaluated,
+                                     cfg.absorption_max_k, cfg.absorption_f1_jump, cfg.eval_seed)
+        per_letter = {}
+        for c in evaluated:
+            rows = letters_words == c
+            full, fraction = torch.zeros(0, dtype=torch.bool), torch.zeros(0)
+            if rows.any():
+                full, fraction = word_absorption(
+                    x_words[rows], encode(sae, x_words[rows], cfg.sae_batch_tokens), probe_w[c],
+                    sae.W_dec.detach().float().cpu(), main[c][0], cfg.absorption_cos_full,
+                    cfg.absorption_cos_fraction, cfg.absorption_projection_share,
+                    cfg.absorption_max_absorbers)
+            letter_words = [w for _, w, letter in words if letter == c]
+            per_letter[c] = dict(f1_probe=f1_probe[c], n_tp=int(rows.sum()), n_full=int(full.sum()),
+                                 fraction_sum=float(fraction.sum()), n_main=len(main[c][0]),
+                                 main_latents=main[c][0], k_sparse_f1=main[c][1],
+                                 absorbed_words=[w for w, a in zip(letter_words, full) if a])
+        r = aggregate_absorption(per_letter, cfg.absorption_probe_f1_gate)
+        r["one_minus_mean_full_absorption"] = 1 - r["mean_full_absorption_score"]
+        r["n_letters_kept"] = len(r["letters_kept"])
+        r["letters_skipped_too_few_tokens"] = skipped
+        r["prompts_dropped"] = dropped
+        r["per_letter"] = {_LETTERS[c]: v for c, v in per_letter.items()}
+        if r["n_letters_kept"] < cfg.absorption_min_letters:
+            r["warning"] = (f"only {r['n_letters_kept']} letters pass the probe-F1 gate (SAEBench wants "
+                            f"{cfg.absorption_min_letters}; it calls the eval meaningful for models "
+                            f">= 1B with >= 16k latents)")
+            print(f"  WARNING: absorption: {r['warning']}")
+        results.append(r)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# §3 Sparse probing: top-k latents by mean difference + L2 logistic regression
+
+def top_k_by_mean_difference(x, y, k):
+    """Indices of the k columns with the largest |mean over positives − mean over negatives|."""
+    y = torch.as_tensor(y).bool()
+    difference = (x[y].double().mean(0) - x[~y].double().mean(0)).abs()
+    return difference.argsort(descending=True)[:k]
+
+
+def top_k_probe_accuracy(x_train, y_train, x_test, y_test, k):
+    """§3.4: keep the top-k columns on train, fit L2 logistic regression (C=1; solved to
+    convergence, where sklearn stops lbfgs at 1000 iterations) on the raw values, and return
+    test accuracy at probability 0.5."""
+    chosen = top_k_by_mean_difference(x_train, y_train, k)
+    w, b = logistic_regression(x_train[:, chosen], y_train, C=1.0)
+    return accuracy(w, b, x_test[:, chosen], y_test)
+
+
+def dense_probe_accuracy(x_train, y_train, x_test, y_test, seed=0):
+    """§3.5: SAEBench's full-width probe (AdamW lr 1e-2, BCE, batch 250, 100 epochs, patience 10),
+    with the epoch picked by *test* accuracy: optimistic, reproduced for parity."""
+    return train_probe_sgd(x_train, y_train, epochs=100, batch_size=250, lr=1e-2, weight_decay=0.01,
+                           x_test=x_test, y_test=y_test, patience=10, seed=seed)[2]
+
+
+def one_vs_rest(labels, cls, rng):
+    """§3.2: all texts of `cls` as positives and as many negatives, drawn evenly from the other
+    classes. Returns (indices, y) in shuffled order."""
+    labels = np.asarray(labels)
+    positives = np.flatnonzero(labels == cls)
+    others = sorted(set(labels.tolist()) - {cls})
+    shares = [len(positives) // len(others) + (i < len(positives) % len(others)) for i in range(len(others))]
+    negatives = [rng.choice(np.flatnonzero(labels == o), min(n, int(np.sum(labels == o))), replace=False)
+                 for o, n in zip(others, shares)]
+    indices = np.concatenate([positives] + negatives)
+    y = np.concatenate([np.ones(len(positives), bool), np.zeros(len(indices) - len(positives), bool)])
+    order = rng.permutation(len(indices))
+    return torch.as_tensor(indices[order]), torch.as_tensor(y[order])
+
+
+def select_class_texts(rows, classes, per_class, rng):
+    """§3.1: up to per_class texts of each class, balanced over the attribute when the data has
+    one (bias_in_bios: gender; amazon: rating). Returns (texts, labels)."""
+    texts, labels = [], []
+    for cls in classes:
+        of_class = [r for r in rows if r["label"] == cls]
+        if not of_class:
+            found = sorted({r["label"] for r in rows})
+            raise ValueError(f"class {cls!r} not in the data (labels found: {found[:30]})")
+        groups = {}
+        for r in of_class:
+            groups.setdefault(r.get("attr"), []).append(r["text"])
+        per_group = per_class // len(groups)
+        for group in groups.values():
+            picked = rng.choice(len(group), min(per_group, len(group)), replace=False)
+            texts += [group[i] for i in sorted(picked)]
+            labels += [cls] * len(picked)
+    return texts, labels
+
+
+def probing_data(llm, cfg, task, name):
+    """Pooled residuals, per-token residuals (for SAE pooling) and one-vs-rest splits of a task,
+    shared by sparse probing (§3) and TPP (§5)."""
+    _, folder, classes = task
+    rng = np.random.default_rng(cfg.eval_seed)
+    data = {}
+    for split, per_class in (("train", cfg.probing_train_per_class), ("test", cfg.probing_test_per_class)):
+        texts, labels = select_class_texts(read_rows(dataset_file(cfg, f"{folder}/{split}.jsonl")),
+                                           classes, per_class, rng)
+        rows = tokenize(llm.tokenizer, texts, llm.m.cfg.bos_token_id, cfg.probing_ctx)
+        acts, counts = cached_residuals(llm, rows, f"{name}-{split}")
+        data[split] = SimpleNamespace(acts=acts, counts=counts, pooled=mean_pool(acts, counts),
+                                      labels=labels)
+    splits = {c: (one_vs_rest(data["train"].labels, c, rng), one_vs_rest(data["test"].labels, c, rng))
+              for c in classes}
+    return data["train"], data["test"], splits
+
+
+def probing_accuracies(x_train, x_test, splits, ks, seed=0):
+    """§3.4-6 on one feature matrix (pooled residual or pooled latents): mean over classes of the
+    top-k accuracies and of the dense probe's accuracy."""
+    top_k = {k: [] for k in ks}
+    dense = []
+    for (train_idx, y_train), (test_idx, y_test) in splits.values():
+        for k in ks:
+            top_k[k].append(top_k_probe_accuracy(x_train[train_idx], y_train, x_test[test_idx], y_test,
+                                                 min(k, x_train.shape[1])))
+        dense.append(dense_probe_accuracy(x_train[train_idx], y_train, x_test[test_idx], y_test, seed))
+    return {k: float(np.mean(v)) for k, v in top_k.items()}, float(np.mean(dense))
+
+
+def run_sparse_probing(llm, saes, cfg):
+    per_task = [dict() for _ in saes]
+    for task in cfg.probing_tasks:
+        train, test, splits = probing_data(llm, cfg, task, task[0])
+        print(f"  sparse probing {task[0]}: {len(train.labels)}/{len(test.labels)} train/test texts")
+        llm_top_k, llm_dense = probing_accuracies(train.pooled, test.pooled, splits, cfg.probing_ks, cfg.eval_seed)
+        for i, sae in enumerate(saes):
+            print(f"  sparse probing {task[0]}: SAE {i + 1}/{len(saes)}", flush=True)
+            f_train = mean_pool(train.acts, train.counts, sae, cfg.sae_batch_tokens)
+            f_test = mean_pool(test.acts, test.counts, sae, cfg.sae_batch_tokens)
+            sae_top_k, sae_dense = probing_accuracies(f_train, f_test, splits, cfg.probing_ks, cfg.eval_seed)
+            per_task[i][task[0]] = dict(
+                llm_test_accuracy=llm_dense, sae_test_accuracy=sae_dense,
+                **{f"llm_top_{k}_test_accuracy": v for k, v in llm_top_k.items()},
+                **{f"sae_top_{k}_test_accuracy": v for k, v in sae_top_k.items()})
+    results = []
+    for tasks in per_task:  # unweighted mean over tasks of the per-task class means (§3.6)
+        r = {key: float(np.mean([t[key] for t in tasks.values()])) for key in next(iter(tasks.values()))}
+        r["note"] = "llm/sae_test_accuracy pick the epoch by test accuracy (optimistic, as SAEBench)"
+        r["per_task"] = tasks
+        results.append(r)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# §4 SCR and §5 TPP: ablate the latents that matter to a probe, on pooled activations
+
+def latent_effects(latents, y, probe_w, W_dec, clamp_positive=False):
+    """§4.3 / §5.2: effect_f = d_f·(w·W_dec[f]), d_f = mean_pos(ā_f) − mean_neg(ā_f) of pooled
+    latents over the probe's training texts; TPP clamps d_f ≥ 0."""
+    y = torch.as_tensor(y).bool()
+    d = latents[y].double().mean(0) - latents[~y].double().mean(0)
+    if clamp_positive:
+        d = d.clamp(min=0)
+    return d * (W_dec.double() @ probe_w.double())
+
+
+def top_n_latents(scores, n):
+    """The n latents with the largest score among non-zero scores (all of them if fewer)."""
+    k = min(n, int((scores != 0).sum()))
+    return scores.topk(k).indices
+
+
+def ablate(pooled_x, pooled_latents, W_dec, chosen):
+    """§4.4: x' = x − Σ_{f∈S} a_f W_dec[f] at every valid position, the SAE error term kept.
+    Mean pooling is linear, so pooling x' equals pooled x minus the pooled latents' decoding."""
+    return pooled_x - pooled_latents[:, chosen].double() @ W_dec[chosen].double()
+
+
+def train_scr_probe(x_train, y_train, x_test, y_test, batch_size=16, seed=0):
+    """§4: Linear(d, 1), AdamW lr 1e-3, BCE + 1e-3·Σ|w|, 20 epochs, best test epoch (optimistic,
+    as SAEBench). Returns (w, b)."""
+    w, b, _ = train_probe_sgd(x_train, y_train, epochs=20, batch_size=batch_size, lr=1e-3,
+                              weight_decay=0.01, l1=1e-3, x_test=x_test, y_test=y_test, seed=seed)
+    return w, b
+
+
+def scr_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, min_denominator=1e-3):
+    """§4.3-5 for one (class pair × attribute) run. probes / splits are keyed "attribute",
+    "class", "biased"; splits[name] = ((train indices, y), (test indices, y)) into the pooled
+    train / test texts; x_test is the pooled test residual. Returns {N: dict(scr, dir1, dir2)}."""
+    def acc(probe, x, split):
+        idx, y = split
+        return accuracy(*probe, x[idx], y)
+
+    clean = {name: acc(probes[name], x_test, splits[name][1]) for name in ("attribute", "class")}
+    biased_on = {name: acc(probes["biased"], x_test, splits[name][1]) for name in ("attribute", "class")}
+    effects = {name: latent_effects(latents_train[splits[name][0][0]], splits[name][0][1],
+                                    probes[name][0], W_dec).abs() for name in ("attribute", "class")}
+    results = {}
+    for n in ns:
+        score = {}
+        # direction 1 ablates the attribute probe's latents and measures the biased probe on the
+        # class labels; direction 2 is the mirror image
+        for direction, ablated, measured in ((1, "attribute", "class"), (2, "class", "attribute")):
+            x_ablated = ablate(x_test, latents_test, W_dec, top_n_latents(effects[ablated], n))
+            denominator = clean[measured] - biased_on[measured]
+            changed = acc(probes["biased"], x_ablated, splits[measured][1])
+            score[direction] = ((changed - biased_on[measured]) / denominator
+                                if denominator >= min_denominator else 0.0)
+        chosen = 1 if biased_on["class"] < biased_on["attribute"] else 2
+        results[n] = dict(scr=score[chosen], dir1=score[1], dir2=score[2])
+    return results
+
+
+def scr_data(llm, cfg, run):
+    """§4.1: the four cells (class × attribute) of one run, first rows in dataset order, and the
+    attribute / class / biased probe splits (the biased probe sees only P1G1 vs P2G2)."""
+    folder, p1, p2, g1, g2 = run
+    rng = np.random.default_rng(cfg.eval_seed)
+    pooled, acts, splits = {}, {}, {"attribute": [], "class": [], "biased": []}
+    for split, q in (("train", cfg.scr_train_per_cell), ("test", cfg.scr_test_per_cell)):
+        rows = read_rows(dataset_file(cfg, f"{folder}/{split}.jsonl"))
+        cells = {(p, g): [r["text"] for r in rows if r["label"] == p and r.get("attr") == g]
+                 for p in (p1, p2) for g in (g1, g2)}
+        smallest = min(len(c) for c in cells.values())
+        if smallest < 2:
+            raise ValueError(f"SCR run {run}: {folder}/{split} has a cell with {smallest} texts "
+                             f"(sizes {[len(c) for c in cells.values()]}); SCR needs labels and attrs")
+        if 2 * q > smallest:
+            print(f"  note: SCR {p1}/{p2} {split}: {smallest // 2} texts per cell instead of {q} "
+                  f"(the smallest cell has {smallest})")
+            q = smallest // 2
+        texts, start = [], {}
+        for key, cell in cells.items():  # 2q per cell: the biased probe takes 2q of two cells
+            start[key] = len(texts)
+            texts += cell[:2 * q]
+        rows = tokenize(llm.tokenizer, texts, llm.m.cfg.bos_token_id, cfg.probing_ctx)
+        acts[split] = cached_residuals(llm, rows, f"scr-{folder}-{p1}-{p2}-{split}")
+        pooled[split] = mean_pool(*acts[split])
+
+        def take(positive, negative, n):
+            idx = np.concatenate([np.arange(start[k], start[k] + n) for k in positive + negative])
+            y = np.arange(len(idx)) < n * len(positive)
+            order = rng.permutation(len(idx))
+            return torch.as_tensor(idx[order]), torch.as_tensor(y[order])
+
+        splits["attribute"].append(take([(p1, g1), (p2, g1)], [(p1, g2), (p2, g2)], q))
+        splits["class"].append(take([(p1, g1), (p1, g2)], [(p2, g1), (p2, g2)], q))
+        splits["biased"].append(take([(p1, g1)], [(p2, g2)], 2 * q))
+    return acts, pooled, splits
+
+
+def run_scr(llm, saes, cfg):
+    per_run = [dict() for _ in saes]
+    for run in cfg.scr_runs:
+        name = f"{run[0]}:{run[1]}/{run[2]}"
+        acts, pooled, splits = scr_data(llm, cfg, run)
+        probes = {key: train_scr_probe(pooled["train"][tr[0]], tr[1], pooled["test"][te[0]], te[1],
+                                       cfg.scr_probe_batch, cfg.eval_seed)
+                  for key, (tr, te) in splits.items()}
+        for i, sae in enumerate(saes):
+            latents = {s: mean_pool(*acts[s], sae, cfg.sae_batch_tokens) for s in ("train", "test")}
+            per_run[i][name] = scr_scores(probes, splits, pooled["test"], latents["train"], latents["test"],
+                                          sae.W_dec.detach().float().cpu(), cfg.ablation_ns)
+        print(f"  SCR {name}: done")
+    results = []
+    for runs in per_run:
+        r = {f"scr_metric_n{n}": float(np.mean([v[n]["scr"] for v in runs.values()]))
+             for n in cfg.ablation_ns}
+        r["scr_metric"] = r.get(f"scr_metric_n{cfg.headline_n}", float("nan"))
+        r["note"] = "probes keep their best *test* epoch (optimistic, as SAEBench)"
+        r["per_run"] = {name: {str(n): v for n, v in scores.items()} for name, scores in runs.items()}
+        results.append(r)
+    return results
+
+
+def tpp_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns):
+    """§5.2-4 for one dataset. probes[c] = (w, b); splits[c] = ((train idx, y), (test idx, y)).
+    Each class's latents (effects with d_f ≥ 0, no absolute value) are ablated on all test texts
+    and every probe is re-tested on its own test split. Returns {N: dict(tpp, intended, unintended)}."""
+    def acc(c, x):
+        idx, y = splits[c][1]
+        return accuracy(*probes[c], x[idx], y)
+
+    classes = list(probes)
+    clean = {c: acc(c, x_test) for c in classes}
+    results = {}
+    for n in ns:
+        intended, unintended = [], []
+        for i in classes:
+            (train_idx, y), _ = splits[i]
+            effects = latent_effects(latents_train[train_idx], y, probes[i][0], W_dec, clamp_positive=True)
+            x_ablated = ablate(x_test, latents_test, W_dec, top_n_latents(effects, n))
+            ablated = {j: acc(j, x_ablated) for j in classes}
+            intended.append(clean[i] - ablated[i])
+            unintended.append(np.mean([clean[j] - ablated[j] for j in classes if j != i]))
+        results[n] = dict(tpp=float(np.mean(intended) - np.mean(unintended)),
+                          intended=float(np.mean(intended)), unintended=float(np.mean(unintended)))
+    return results
+
+
+def run_tpp(llm, saes, cfg):
+    per_task = [dict() for _ in saes]
+    for task in cfg.tpp_tasks:
+        train, test, splits = probing_data(llm, cfg, task, task[0])
+        # SAEBench re-samples each probe's negatives at every re-test; ours are fixed per class,
+        # so clean and ablated accuracies compare the same texts (same expectation, less noise)
+        probes = {c: train_scr_probe(train.pooled[tr[0]], tr[1], test.pooled[te[0]], te[1],
+                                     cfg.scr_probe_batch, cfg.eval_seed) for c, (tr, te) in splits.items()}
+        for i, sae in enumerate(saes):
+            latents_train = mean_pool(train.acts, train.counts, sae, cfg.sae_batch_tokens)
+            latents_test = mean_pool(test.acts, test.counts, sae, cfg.sae_batch_tokens)
+            per_task[i][task[0]] = tpp_scores(probes, splits, test.pooled, latents_train, latents_test,
+                                              sae.W_dec.detach().float().cpu(), cfg.ablation_ns)
+        print(f"  TPP {task[0]}: done")
+    results = []
+    for tasks in per_task:
+        r = {}
+        for n in cfg.ablation_ns:
+            for key in ("tpp", "intended", "unintended"):
+                r[f"{key}_n{n}"] = float(np.mean([t[n][key] for t in tasks.values()]))
+        r["tpp_metric"] = r.get(f"tpp_n{cfg.headline_n}", float("nan"))
+        r["note"] = "probes keep their best *test* epoch (optimistic, as SAEBench)"
+        r["per_task"] = {name: {str(n): v for n, v in scores.items()} for name, scores in tasks.items()}
+        results.append(r)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# §6 OOD probing: dense L2 "oracle" probe vs L1 probe on the top-k SAE latents, AUC
+
+def encode_labels(labels):
+    """§6.2: sorted-order codes per file, as sklearn's LabelEncoder (numbers sort as numbers)."""
+    try:
+        classes = sorted(set(labels), key=float)
+    except ValueError:
+        classes = sorted(set(labels))
+    code = {c: i for i, c in enumerate(classes)}
+    return np.array([code[v] for v in labels]), classes
+
+
+def validation_splits(y, seed=42):
+    """§6.5 validation for find_best_reg, as SAE-Probes' get_cv / get_splits: n ≥ 128 holds out
+    the last min(20%, 100) rows; 12 < n < 128 uses 6-fold stratified CV (shuffled, seed 42);
+    smaller n leaves two out. CV folds whose validation part lacks a class are dropped."""
+    y = np.asarray(y)
+    n = len(y)
+    if n >= 128:
+        n_val = min(int(0.2 * n), 100)
+        return [(np.arange(n - n_val), np.arange(n - n_val, n))]
+    everything = np.arange(n)
+    if n > 12:
+        rng = np.random.default_rng(seed)
+        per_class = [np.array_split(rng.permutation(np.flatnonzero(y == c)), 6) for c in np.unique(y)]
+        folds = [np.sort(np.concatenate(parts)) for parts in zip(*per_class)]
+    else:
+        folds = [np.array([i, j]) for i in range(n) for j in range(i + 1, n)]
+    return [(np.setdiff1d(everything, fold), fold) for fold in folds if len(np.unique(y[fold])) == 2]
+
+
+def find_best_reg(x, y, penalty="l2", grid=tuple(np.logspace(5, -5, 10))):
+    """§6.5: the C of `grid` with the best mean validation AUC (first on ties), refitted on all
+    rows; C = 1 when there are too few rows to validate (n ≤ 3). Returns (w, b, C)."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), np.asarray(y)
+    best = 1.0
+    if len(y) > 3:
+        folds = validation_splits(y)
+        scores = []
+        for C in grid:
+            aucs = []
+            for train_idx, val_idx in folds:
+                w, b = logistic_regression(x[train_idx], y[train_idx], C=C, penalty=penalty)
+                aucs.append(roc_auc((x[val_idx] @ w + b).numpy(), y[val_idx]))
+            scores.append(np.mean(aucs) if aucs and not np.isnan(aucs).any() else -1.0)
+        best = grid[int(np.argmax(scores))]
+    w, b = logistic_regression(x, y, C=best, penalty=penalty)
+    return w, b, float(best)
+
+
+def ood_oracle_auc(x_id, y_id, x_ood, y_ood, pool_rows=1500, per_class=512, seed=42):
+    """§6.3: a balanced random draw of per_class rows per class from the first pool_rows ID rows,
+    dense L2 probe with C by find_best_reg; returns (OOD AUC, C)."""
+    rng = np.random.default_rng(seed)
+    pool = np.asarray(y_id[:pool_rows])
+    n = min(per_class, *(int(np.sum(pool == c)) for c in (0, 1)))
+    rows = np.concatenate([rng.choice(np.flatnonzero(pool == c), n, replace=False) for c in (0, 1)])
+    rows = rows[rng.permutation(len(rows))]
+    w, b, C = find_best_reg(x_id[rows], pool[rows], "l2")
+    return roc_auc((torch.as_tensor(x_ood, dtype=torch.float64) @ w + b).numpy(), y_ood), C
+
+
+def ood_sae_auc(f_id, y_id, f_ood, y_ood, k, pool_rows=1500, per_class=512):
+    """§6.4: the first per_class positives and negatives among the first pool_rows ID rows (in
+    file order), top-k latents by mean difference, L1 probe with C by find_best_reg; OOD AUC."""
+    pool = np.asarray(y_id[:pool_rows])
+    rows = np.sort(np.concatenate([np.flatnonzero(pool == c)[:per_class] for c in (0, 1)]))
+    chosen = top_k_by_mean_difference(f_id[rows], pool[rows], min(k, f_id.shape[1]))
+    w, b, C = find_best_reg(f_id[rows][:, chosen], pool[rows], "l1")
+    return roc_auc((f_ood[:, chosen].double() @ w + b).numpy(), y_ood), C
+
+
+def run_ood(llm, saes, cfg):
+    per_task = [dict() for _ in saes]
+    max_len = min(cfg.ood_max_tokens, llm.max_positions)
+    for name, id_file, ood_file in cfg.ood_tasks:
+        data = {}
+        for part, file in (("id", id_file), ("ood", ood_file)):
+            rows = read_rows(dataset_file(cfg, file))
+            y, classes = encode_labels([r["label"] for r in rows])  # codes of the whole file (§6.2)
+            if part == "id":  # both probes train on the first ood_pool_rows rows only
+                rows, y = rows[:cfg.ood_pool_rows], y[:cfg.ood_pool_rows]
+            if len(classes) != 2:
+                raise ValueError(f"{file}: OOD probing is binary, found labels {classes[:10]}")
+            texts = [r["text"] for r in rows]
+            tokens = tokenize(llm.tokenizer, texts, llm.m.cfg.bos_token_id, max_len, keep="end")
+            x = cached_residuals(llm, tokens, f"ood-{name}-{part}", [len(t) - 1 for t in tokens])
+            data[part] = (x, y)
+        (x_id, y_id), (x_ood, y_ood) = data["id"], data["ood"]
+        oracle, oracle_C = ood_oracle_auc(x_id, y_id, x_ood, y_ood, cfg.ood_pool_rows,
+                                          cfg.ood_train_per_class, cfg.eval_seed)
+        for i, sae in enumerate(saes):
+            f_id, f_ood = encode(sae, x_id, cfg.sae_batch_tokens), encode(sae, x_ood, cfg.sae_batch_tokens)
+            entry = dict(oracle_auc=oracle, oracle_C=oracle_C)
+            for k in cfg.ood_ks:
+                entry[f"sae_auc_k{k}"], entry[f"sae_C_k{k}"] = ood_sae_auc(
+                    f_id, y_id, f_ood, y_ood, k, cfg.ood_pool_rows, cfg.ood_train_per_class)
+            per_task[i][name] = entry
+        print(f"  OOD {name}: {len(y_id)} ID (training pool) / {len(y_ood)} OOD rows, oracle AUC {oracle:.3f}")
+    results = []
+    for tasks in per_task:
+        oracle = float(np.mean([t["oracle_auc"] for t in tasks.values()]))
+        r = dict(oracle_auc=oracle)
+        for k in cfg.ood_ks:
+            sae_auc = float(np.mean([t[f"sae_auc_k{k}"] for t in tasks.values()]))
+            r[f"sae_auc_k{k}"] = sae_auc
+            r[f"gap_k{k}"] = oracle - sae_auc                  # absolute AUC points (§6.6)
+            r[f"relative_gap_k{k}"] = (oracle - sae_auc) / oracle
+        r["per_task"] = tasks
+        results.append(r)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Data: local files, the offline stdlib datasets, and the SAEBench hub datasets on request
+
+def read_rows(path):
+    """Rows {"text", "label"[, "attr"]} of a .jsonl file, or of SAE-Probes' .csv / .csv.zst
+    (columns prompt, target)."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif path.endswith((".csv", ".csv.zst")):
+        if path.endswith(".zst"):
+            try:
+                import zstandard
+            except ImportError:
+                raise ImportError(f"{path} is zstd-compressed: pip install zstandard") from None
+            with open(path, "rb") as f:
+                text = zstandard.ZstdDecompressor().stream_reader(f).read().decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        rows = [{"text": r.get("text", r.get("prompt")), "label": r.get("label", r.get("target"))}
+                for r in csv.DictReader(io.StringIO(text))]
+    else:
+        raise ValueError(f"{path}: unknown data format (expected .jsonl, .csv or .csv.zst)")
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("text"), str) or r.get("label") is None:
+            raise ValueError(f"{path}: row {i} lacks a text string or a label "
+                             "(columns text/prompt, label/target)")
+        r["label"] = str(r["label"])
+    return rows
+
+
+def dataset_file(cfg, relative):
+    """The path of a data file under eval_data_dir, building the offline stdlib datasets or
+    fetching a hub dataset (download=True) when it is missing."""
+    path = os.path.join(cfg.eval_data_dir, relative)
+    if not os.path.exists(path):
+        folder = relative.split("/")[0]
+        if folder.startswith("stdlib_"):
+            build_offline_datasets(cfg.eval_data_dir, cfg.eval_seed)
+        elif cfg.download:
+            fetch_hub_dataset(folder, cfg.eval_data_dir, cfg.eval_seed)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: put the dataset there (format: see the top of "
+                                    f"evaluate.py) or pass --download=True for a SAEBench hub dataset")
+    return path
+
+
+def _write_jsonl(path, rows):
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+_STDLIB_PACKAGES = ("asyncio", "email", "importlib", "logging", "tkinter")  # most docstrings
+_OOD_ROWS_PER_CLASS = 150
+
+
+def stdlib_docstrings():
+    """(package, "class" | "function", docstring) for documented classes and functions of the
+    standard library (no tests), in a fixed order."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for package in sorted(os.listdir(root)):
+        skip = package in ("test", "site-packages", "idlelib", "lib2to3")
+        if skip or not os.path.isdir(os.path.join(root, package)):
+            continue
+        for folder, subfolders, files in os.walk(os.path.join(root, package)):
+            subfolders[:] = sorted(s for s in subfolders if "test" not in s and s != "__pycache__")
+            for name in sorted(f for f in files if f.endswith(".py")):
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as f:
+                        tree = ast.parse(f.read())
+                except (SyntaxError, UnicodeDecodeError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc and len(doc) >= 40:
+                            kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                            found.append((package, kind, doc))
+    return found
+
+
+def build_offline_datasets(eval_data_dir, seed):
+    """The offline default's labelled data, from the standard library's docstrings (no network):
+    stdlib_docs/{train,test}.jsonl: label = the package a docstring documents (5 classes), attr =
+        "comment" for a random half rewritten as "#" comments, else "plain": a spurious attribute
+        independent of the class, the role gender plays in bias_in_bios (§3-§5);
+    stdlib_kind/id.jsonl, ood_upper.jsonl, ood_reversed.jsonl: label = documents a class or a
+        function; the OOD files hold held-out docstrings upper-cased / with reversed word order (§6)."""
+    print(f"building the offline stdlib datasets in {eval_data_dir}")
+    docs = stdlib_docstrings()
+    rng = random.Random(seed)
+    rows = []
+    for package, _, doc in docs:
+        if package in _STDLIB_PACKAGES:
+            as_comment = rng.random() < 0.5
+            text = "\n".join("# " + line for line in doc.splitlines()) if as_comment else doc
+            rows.append({"text": text, "label": package, "attr": "comment" if as_comment else "plain"})
+    rng.shuffle(rows)
+    cut = int(0.8 * len(rows))
+    _write_jsonl(os.path.join(eval_data_dir, "stdlib_docs", "train.jsonl"), rows[:cut])
+    _write_jsonl(os.path.join(eval_data_dir, "stdlib_docs", "test.jsonl"), rows[cut:])
+    kind_rows = [{"text": doc, "label": kind} for _, kind, doc in docs]
+    rng.shuffle(kind_rows)
+    held_out = [r for kind in ("class", "function")
+                for r in [r for r in kind_rows if r["label"] == kind][:_OOD_ROWS_PER_CLASS]]
+    in_distribution = [r for r in kind_rows if r not in held_out][:5000]
+    folder = os.path.join(eval_data_dir, "stdlib_kind")
+    _write_jsonl(os.path.join(folder, "id.jsonl"), in_distribution)
+    _write_jsonl(os.path.join(folder, "ood_upper.jsonl"), [dict(r, text=r["text"].upper()) for r in held_out])
+    _write_jsonl(os.path.join(folder, "ood_reversed.jsonl"),
+                 [dict(r, text=" ".join(reversed(r["text"].split()))) for r in held_out])
+
+
+_BIOS_PROFESSIONS = (
+    "accountant", "architect", "attorney", "chiropractor", "comedian", "composer", "dentist",
+    "dietitian", "dj", "filmmaker", "interior_designer", "journalist", "model", "nurse", "painter",
+    "paralegal", "pastor", "personal_trainer", "photographer", "physician", "poet", "professor",
+    "psychologist", "rapper", "software_engineer", "surgeon", "teacher", "yoga_teacher")
+_AMAZON_CATEGORIES = (  # canrager/amazon_reviews_mcauley_1and5's integer categories (SAEBench)
+    "All_Beauty", "Toys_and_Games", "Cell_Phones_and_Accessories", "Industrial_and_Scientific",
+    "Gift_Cards", "Musical_Instruments", "Electronics", "Handmade_Products", "Arts_Crafts_and_Sewing",
+    "Baby_Products", "Health_and_Household", "Office_Products", "Digital_Music",
+    "Grocery_and_Gourmet_Food", "Sports_and_Outdoors", "Home_and_Kitchen", "Subscription_Boxes",
+    "Tools_and_Home_Improvement", "Pet_Supplies", "Video_Games", "Kindle_Store",
+    "Clothing_Shoes_and_Jewelry", "Patio_Lawn_and_Garden", "Unknown", "Books", "Automotive",
+    "CDs_and_Vinyl", "Beauty_and_Personal_Care", "Amazon_Fashion", "Magazine_Subscriptions", "Software")
+_EUROPARL_PAIRS = {"en": "en-fr", "fr": "en-fr", "de": "de-en", "es": "es-fr", "nl": "nl-pt"}
+_GITHUB_LANGUAGES = ("C", "Python", "HTML", "Java", "PHP")
+_HUB_CELL_CAP = 5000  # rows kept per (label, attr) cell and split: above every SAEBench size
+
+
+def _hub_parquet_rows(repo, contains, columns, max_files=None):
+    """Rows of the hub dataset's parquet files whose path contains `contains` (the parquet
+    conversion branch is tried when the main branch has none)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading hub datasets (parquet) needs pyarrow: pip install pyarrow") from None
+    for revision in (None, "refs/convert/parquet"):
+        files = sorted(f for f in list_repo_files(repo, repo_type="dataset", revision=revision)
+                       if f.endswith(".parquet") and contains in f)
+        if files:
+            break
+    else:
+        raise FileNotFoundError(f"hub dataset {repo} has no parquet file matching {contains!r}")
+    rows = []
+    for file in files[:max_files]:
+        print(f"  fetching {repo}/{file}")
+        local = hf_hub_download(repo, file, repo_type="dataset", revision=revision)
+        rows += pq.read_table(local, columns=columns).to_pylist()
+    return rows
+
+
+def _cap_cells(rows):
+    """At most _HUB_CELL_CAP rows per (label, attr), in dataset order."""
+    seen, kept = {}, []
+    for r in rows:
+        key = (r["label"], r.get("attr"))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= _HUB_CELL_CAP:
+            kept.append(r)
+    return kept
+
+
+def fetch_hub_dataset(name, eval_data_dir, seed):
+    """Download a SAEBench dataset (§7) with huggingface_hub and write <name>/{train,test}.jsonl."""
+    rng = random.Random(seed)
+    splits = {}
+    if name == "bias_in_bios":
+        for split in ("train", "test"):
+            rows = _hub_parquet_rows("LabHC/bias_in_bios", split, ["hard_text", "profession", "gender"])
+            splits[split] = [{"text": r["hard_text"], "label": _BIOS_PROFESSIONS[r["profession"]],
+                              "attr": ("male", "female")[r["gender"]]} for r in rows]
+    elif name in ("amazon_reviews", "amazon_sentiment"):
+        for split in ("train", "test"):
+            rows = _hub_parquet_rows("canrager/amazon_reviews_mcauley_1and5", split,
+                                     ["text", "category", "rating"])
+            splits[split] = [
+                {"text": r["text"], "label": f"{float(r['rating']):.1f}"} if name == "amazon_sentiment" else
+                {"text": r["text"], "attr": f"{float(r['rating']):.1f}",
+                 "label": _AMAZON_CATEGORIES[r["category"]] if r["category"] < len(_AMAZON_CATEGORIES)
+                 else str(r["category"])} for r in rows]
+    elif name == "ag_news":
+        for split in ("train", "test"):
+            splits[split] = [{"text": r["text"], "label": str(r["label"])}
+                             for r in _hub_parquet_rows("fancyzhx/ag_news", split, ["text", "label"])]
+    elif name == "europarl":  # §3.1: the first 2501 sentences per language, shuffled
+        rows = []
+        for language, pair in _EUROPARL_PAIRS.items():
+            sentences = [r["translation"][language] for r in
+                         _hub_parquet_rows("Helsinki-NLP/europarl", pair + "/", ["translation"], 1)[:2501]]
+            rng.shuffle(sentences)
+            rows.append([{"text": s, "label": language} for s in sentences])
+        splits = {"train": [r for language in rows for r in language[:2000]],
+                  "test": [r for language in rows for r in language[2000:]]}
+    elif name == "github_code":  # §3.1: files > 534 characters, minus their first 150 (licences)
+        per_language = {lang: [] for lang in _GITHUB_LANGUAGES}
+        for r in _hub_parquet_rows("codeparrot/github-code", "train", ["code", "language"], 4):
+            kept = per_language.get(r["language"])
+            if kept is not None and len(r["code"]) > 534 and len(kept) < 2500:
+                kept.append({"text": r["code"][150:], "label": r["language"]})
+        splits = {"train": [r for v in per_language.values() for r in v[:2000]],
+                  "test": [r for v in per_language.values() for r in v[2000:]]}
+    elif name == "openwebtext":  # core text (§1): documents, shuffled later by row
+        rows = _hub_parquet_rows("Skylion007/openwebtext", "train", ["text"], 1)
+        splits = {"train": [{"text": r["text"], "label": ""} for r in rows]}
+    else:
+        raise FileNotFoundError(f"no local dataset '{name}' in {eval_data_dir} and it is not a "
+                                f"SAEBench hub dataset this script knows")
+    for split, rows in splits.items():
+        _write_jsonl(os.path.join(eval_data_dir, name, f"{split}.jsonl"),
+                     rows if name == "openwebtext" else _cap_cells(rows))
+
+
+# -----------------------------------------------------------------------------
+# Reports: per-run tables, the baseline-vs-masked comparison, plots
+
+_HEADLINE = [  # (label, metric, key, ↑ better / ↓)
+    ("L0", "core", "l0", ""),
+    ("EV (global)", "core", "explained_variance", "↑"),
+    ("EV (SAEBench legacy)", "core", "explained_variance_legacy", "↑"),
+    ("CE loss recovered", "core", "ce_loss_score", "↑"),
+    ("ΔLM loss", "core", "delta_lm_loss", "↓"),
+    ("Mean full absorption", "absorption", "mean_full_absorption_score", "↓"),
+    ("1 − full absorption", "absorption", "one_minus_mean_full_absorption", "↑"),
+    ("Absorption fraction", "absorption", "mean_absorption_fraction_score", "↓"),
+    ("Sparse probing top-1", "sparse_probing", "sae_top_1_test_accuracy", "↑"),
+    ("Sparse probing top-5", "sparse_probing", "sae_top_5_test_accuracy", "↑"),
+    ("SCR (N=headline)", "scr", "scr_metric", "↑"),
+    ("TPP (N=headline)", "tpp", "tpp_metric", "↑"),
+    ("OOD SAE AUC (k=128)", "ood", "sae_auc_k128", "↑"),
+    ("OOD gap to oracle (k=128)", "ood", "gap_k128", "↓"),
+]
+
+
+def headline(result):
+    """(label, value) of the headline metrics an eval.json holds."""
+    return [(f"{label} {arrow}".strip(), result[metric][key]) for label, metric, key, arrow in _HEADLINE
+            if isinstance(result.get(metric), dict) and key in result[metric]]
+
+
+def _fmt(value):
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def run_table(run, results):
+    """A Markdown table: one row per SAE, the headline metrics as columns."""
+    labels = list(dict.fromkeys(label for r in results.values() for label, _ in headline(r)))
+    lines = [f"| SAE | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
+    for name, r in results.items():
+        values = dict(headline(r))
+        lines.append(f"| {name} | " + " | ".join(_fmt(values.get(label)) for label in labels) + " |")
+    return f"### {run}\n\n" + "\n".join(lines)
+
+
+def comparison_table(runs):
+    """Paper-style table: metric × SAE (paired by folder name), the first run as baseline, each
+    other run with its delta. runs: {run folder: {SAE name: eval.json dict}}."""
+    names = list(runs)
+    base = runs[names[0]]
+    header = "| metric | SAE | " + " | ".join([names[0]] + [f"{n} | Δ" for n in names[1:]]) + " |"
+    lines = [header, "|---" * (2 + 1 + 2 * (len(names) - 1)) + "|"]
+    for label, _, _, arrow in _HEADLINE:
+        full = f"{label} {arrow}".strip()
+        for sae_name in base:
+            values = [dict(headline(runs[n].get(sae_name, {}))) for n in names]
+            if full not in values[0]:
+                continue
+            cells = [_fmt(values[0].get(full))]
+            for v in values[1:]:
+                delta = (v[full] - values[0][full]) if full in v else None
+                cells += [_fmt(v.get(full)), _fmt(delta)]
+            lines.append(f"| {full} | {sae_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(runs, path):
+    """One panel per headline metric against measured L0, a line per run; silently skipped
+    (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, no plot written")
+        return
+    labels = [f"{label} {arrow}".strip() for label, _, _, arrow in _HEADLINE[1:]]
+    cols, rows = 4, math.ceil(len(labels) / 4)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows))
+    for ax, label in zip(axes.flat, labels):
+        for run, results in runs.items():
+            values = [dict(headline(r)) for r in results.values()]
+            points = sorted((v["L0"], v[label]) for v in values if "L0" in v and label in v)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=run)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("L0")
+    for ax in axes.flat[len(labels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    _write_atomic(path, buffer.getvalue())
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# main: find SAEs, group them by (model, layer), run the metrics, write eval.json and tables
+
+_RUNNERS = {"core": run_core, "absorption": run_absorption, "sparse_probing": run_sparse_probing,
+            "scr": run_scr, "tpp": run_tpp, "ood": run_ood}
+
+
+def find_sae_dirs(run):
+    """The SAE folders of a run (its subfolders with sae.safetensors), or the folder itself."""
+    if os.path.isfile(os.path.join(run, "sae.safetensors")):
+        return [run]
+    found = sorted(os.path.join(run, d) for d in os.listdir(run)
+                   if os.path.isfile(os.path.join(run, d, "sae.safetensors")))
+    if not found:
+        raise FileNotFoundError(f"{run}: no sae.safetensors in it or in its subfolders")
+    def target_k(folder):
+        with open(os.path.join(folder, "cfg.json")) as f:
+            return json.load(f).get("k") or 0
+    return sorted(found, key=lambda d: (target_k(d), d))
+
+
+def model_key(model_dir):
+    """The model's identity for the activation cache: its real path and its weight files' stamps."""
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith((".safetensors", "config.json")))
+    stamps = [(f, os.path.getsize(os.path.join(model_dir, f)), os.path.getmtime(os.path.join(model_dir, f)))
+              for f in files]
+    return [os.path.realpath(model_dir), stamps]
+
+
+def load_llm(cfg, model_dir, layer, tokens_dir, device):
+    arch = model_lib.read_config(model_dir).arch
+    dtype = getattr(torch, cfg.llm_dtype) if cfg.llm_dtype != "auto" else (
+        torch.bfloat16 if arch == "gemma2" else torch.float32)
+    m = model_lib.load(model_dir, device, dtype)
+    m.eval()
+    with open(os.path.join(model_dir, "config.json")) as f:
+        max_positions = json.load(f).get("max_position_embeddings", cfg.ood_max_tokens)
+    if m.cfg.d_model <= 256:
+        print(f"NOTE: {model_dir} is a tiny model (d_model={m.cfg.d_model}; the offline default has "
+              "RANDOM weights): its numbers mean nothing about the paper, they only show that every "
+              "metric runs end to end.")
+    return SimpleNamespace(m=m, tokenizer=prepare.load_tokenizer(model_dir), model_dir=model_dir, layer=layer,
+                           dtype=dtype,
+                           key=model_key(model_dir), cache_dir=cfg.cache_dir, batch_rows=cfg.llm_batch_rows,
+                           tokens_dir=tokens_dir, max_positions=max_positions)
+
+
+def load_sae(path, d_model, cfg, device):
+    sae = sae_lib.load(path, device).to(getattr(torch, cfg.sae_dtype))
+    sae.eval()
+    if sae.cfg["d_in"] != d_model:
+        raise ValueError(f"{path}: SAE d_in={sae.cfg['d_in']} but the model's d_model={d_model}")
+    norms = sae.W_dec.detach().float().norm(dim=1)
+    if (norms - 1).abs().max() > 1e-2:  # §0: every metric assumes unit-norm decoder rows
+        raise ValueError(f"{path}: decoder rows are not unit norm (norms from {norms.min():.4f} to "
+                         f"{norms.max():.4f}); the metrics assume ‖W_dec[f]‖ = 1 (metrics.md §0)")
+    return sae
+
+
+def evaluate_group(cfg, model_dir, layer, tokens_dir, sae_dirs, device):
+    """Every requested metric for the SAEs of one (model, layer); eval.json after each metric."""
+    results = {}
+    for d in sae_dirs:
+        path = os.path.join(d, "eval.json")
+        results[d] = {}
+        if os.path.exists(path) and not cfg.rerun:
+            with open(path) as f:
+                results[d] = json.load(f)
+    todo = [name for name in cfg.metrics if any(name not in results[d] for d in sae_dirs)]
+    if not todo:
+        return results
+    print(f"\n=== {model_dir} layer {layer}: {len(sae_dirs)} SAE(s), metrics {todo}")
+    llm = load_llm(cfg, model_dir, layer, tokens_dir, device)
+    for name in todo:
+        pending = [d for d in sae_dirs if name not in results[d]]
+        saes = [load_sae(d, llm.m.cfg.d_model, cfg, device) for d in pending]
+        t0 = time.time()
+        print(f"--- {name} ({len(pending)} SAE(s))")
+        torch.manual_seed(cfg.eval_seed)
+        for d, sae, r in zip(pending, saes, _RUNNERS[name](llm, saes, cfg)):
+            results[d][name] = r
+            results[d].update(sae=d, model_dir=model_dir, layer=layer, sae_cfg=sae.cfg,
+                              settings=configurator.defaults(vars(cfg)))
+            _write_atomic(os.path.join(d, "eval.json"), json.dumps(results[d], indent=1))
+        print(f"--- {name}: {time.time() - t0:.0f} s")
+    return results
+
+
+def main(argv):
+    runs = [a for a in argv if os.path.isdir(a)]
+    cfg = configurator.configure(globals(), [a for a in argv if not os.path.isdir(a)], __doc__)
+    if not runs:
+        raise ValueError("usage: python evaluate.py [config.py] [--key=value ...] out/<run> [out/<run> ...]")
+    unknown = set(cfg.metrics) - set(_RUNNERS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; known: {list(_RUNNERS)}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    groups = {}
+    for run in runs:
+        for d in find_sae_dirs(run):
+            with open(os.path.join(d, "cfg.json")) as f:
+                sae_cfg = json.load(f)
+            recorded = (sae_cfg.get("model"), sae_cfg.get("layer"))
+            chosen = (cfg.model_dir or recorded[0], cfg.layer if cfg.layer >= 0 else recorded[1])
+            if None in chosen:
+                raise ValueError(f"{d}/cfg.json records no model/layer: pass --model_dir and --layer")
+            if cfg.layer >= 0 and recorded[1] is not None and recorded[1] != cfg.layer:
+                raise ValueError(f"{d} was trained on layer {recorded[1]}, but layer={cfg.layer} "
+                                 "was asked for")
+            tokens = cfg.tokens_dir or sae_cfg.get("tokens_dir", "")
+            groups.setdefault((*chosen, tokens), []).append(d)
+    results = {}
+    for (model_folder, layer_index, tokens), dirs in groups.items():
+        results.update(evaluate_group(cfg, model_folder, layer_index, tokens, dirs, device))
+    by_run = {run: {os.path.relpath(d, run) if d != run else os.path.basename(run): results[d]
+                    for d in find_sae_dirs(run)} for run in runs}
+    print()
+    for run, saes in by_run.items():
+        print(run_table(run, saes) + "\n")
+    if len(runs) >= 2:
+        title = "# Baseline vs masked\n\n" + "\n".join(
+            f"- {run}: mask_prob {next(iter(s.values())).get('sae_cfg', {}).get('mask_prob')}"
+            for run, s in by_run.items())
+        text = f"{title}\n\nΔ = run − {runs[0]}.\n\n{comparison_table(by_run)}\n"
+        _write_atomic(cfg.comparison_file, text)
+        print(text)
+        print(f"wrote {cfg.comparison_file}")
+        plot_comparison(by_run, os.path.splitext(cfg.comparison_file)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,560 @@
+"""Tests for evaluate.py: every metric on constructed cases whose answer is known by construction
+or computed independently here (hand formulas, brute force, per-token loops), plus one end-to-end
+run of main() on the offline tiny default.
+
+    pytest -q tests/test_evaluate.py
+"""
+import json
+import math
+import os
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import configurator
+import evaluate as ev
+import model as model_lib
+import sae as sae_lib
+
+
+def relu_sae(W_enc, W_dec, b_enc=None, b_dec=None):
+    """A real sae.SAE (ReLU arch: f = ReLU(x W_enc + b_enc), x̂ = f W_dec + b_dec) with given weights."""
+    d, F = W_enc.shape
+    s = sae_lib.SAE(d, F, arch="relu")
+    with torch.no_grad():
+        s.W_enc.copy_(W_enc)
+        s.W_dec.copy_(W_dec)
+        s.b_enc.copy_(torch.zeros(F) if b_enc is None else b_enc)
+        s.b_dec.copy_(torch.zeros(d) if b_dec is None else b_dec)
+    return s
+
+
+def identity_sae(d):
+    """x̂ = ReLU(x) − ReLU(−x) = x exactly, with unit decoder rows [I; −I]."""
+    eye = torch.eye(d)
+    return relu_sae(torch.cat([eye, -eye], 1), torch.cat([eye, -eye], 0))
+
+
+def zero_sae(d, F=8):
+    """encode gives 0 everywhere (the threshold is never reached), decode(0) = b_dec = 0."""
+    s = sae_lib.SAE(d, F, arch="batchtopk", k=2)
+    with torch.no_grad():
+        s.threshold.fill_(1e9)
+    return s
+
+
+# ----------------------------------------------------------------------------- §1 core
+
+def test_l0_counts_nonzero_latents_on_2d_and_3d_input():
+    f2 = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, -1.0]])
+    assert ev.l0(f2) == pytest.approx((2 + 0 + 2) / 3)
+    f3 = torch.stack([f2, torch.ones(3, 3)])  # (B=2, T=3, F=3): 6 tokens
+    assert ev.l0(f3) == pytest.approx((2 + 0 + 2 + 3 + 3 + 3) / 6)
+
+
+def test_explained_variance_three_forms_match_hand_formulas():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(5, 3)) + [2.0, -1.0, 0.5], rng.normal(size=(7, 3)) * 2]
+    x_hats = [x * 0.8 + 0.1 for x in batches]
+    sums = ev.new_core_sums(3, 4)
+    for x, x_hat in zip(batches, x_hats):
+        f = torch.tensor(np.abs(x[:, :1]) * np.array([1, 0, 0, 1]))  # 2 non-zero latents per token
+        ev.add_core_batch(sums, torch.tensor(x), f, torch.tensor(x_hat))
+    r = ev.finish_core(sums)
+    X, XH = np.concatenate(batches), np.concatenate(x_hats)
+    n, d = X.shape
+    sse = ((X - XH) ** 2).sum()
+    # global: 1 − SSE / Σ_d Var_d·N (population variance about the global mean)
+    assert r["explained_variance"] == pytest.approx(1 - sse / (X.var(axis=0).sum() * n))
+    # legacy: per token, centred on its own batch's mean
+    legacy = [1 - ((x - xh) ** 2).sum(1) / ((x - x.mean(0)) ** 2).sum(1) for x, xh in zip(batches, x_hats)]
+    assert r["explained_variance_legacy"] == pytest.approx(np.concatenate(legacy).mean())
+    # SAEBench's current field: mean_b SSE_b/N_b over mean_b(Σ‖x‖²/N_b) − q², q = mean_b,d E_b[x_d²]
+    num = np.mean([((x - xh) ** 2).sum() / len(x) for x, xh in zip(batches, x_hats)])
+    mean_sq = np.mean([(x ** 2).sum() / len(x) for x in batches])
+    q = np.mean([(x ** 2).mean(0) for x in batches])
+    assert r["explained_variance_saebench_current"] == pytest.approx(1 - num / (mean_sq - q ** 2))
+    assert r["mse"] == pytest.approx(sse / (n * d))
+    per_token = [((x - xh) ** 2).sum(1) / len(x) for x, xh in zip(batches, x_hats)]  # SAEBench's mse
+    assert r["mse_saebench"] == pytest.approx(np.concatenate(per_token).mean())
+    assert r["l0"] == pytest.approx(2.0)
+    cos = (X * XH).sum(1) / np.linalg.norm(X, axis=1) / np.linalg.norm(XH, axis=1)
+    assert r["cossim"] == pytest.approx(cos.mean())
+    assert r["frac_alive"] == pytest.approx(0.5)  # latents 0 and 3 fire, 1 and 2 never
+
+
+def test_perfect_reconstruction_has_ev_one():
+    x = torch.randn(20, 4, dtype=torch.float64)
+    sums = ev.new_core_sums(4, 2)
+    ev.add_core_batch(sums, x, torch.ones(20, 2), x)
+    r = ev.finish_core(sums)
+    assert r["explained_variance"] == pytest.approx(1.0)
+    assert r["explained_variance_legacy"] == pytest.approx(1.0)
+    assert r["l2_ratio"] == pytest.approx(1.0) and r["relative_reconstruction_bias"] == pytest.approx(1.0)
+
+
+@pytest.fixture
+def tiny_model(make_hf_model):
+    return model_lib.load(str(make_hf_model("gpt_neox")))  # vocab 96, d 32, 3 layers, special id 0
+
+
+def test_ce_loss_recovered_identity_sae_is_one_and_matches_the_plain_forward(tiny_model):
+    m = tiny_model
+    torch.manual_seed(0)
+    rows = torch.randint(1, 96, (6, 12))
+    rows[:, 0] = 0  # BOS: a special position, kept as is
+    r = ev.core_metrics(m, 1, [identity_sae(32)], rows.numpy(), batch_rows=4)[0]
+    assert r["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert r["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
+    assert r["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    # CE without the SAE, independently: the model's own logits, loss at every position but BOS
+    logits = m(rows).float()
+    ce = torch.nn.functional.cross_entropy(logits[:, 1:-1].reshape(-1, 96), rows[:, 2:].reshape(-1))
+    assert r["ce_loss_without_sae"] == pytest.approx(ce.item(), rel=1e-5)
+    assert r["ce_tokens"] == 6 * 10
+
+
+def test_ce_loss_recovered_zero_output_sae_is_zero(tiny_model):
+    torch.manual_seed(1)
+    rows = torch.randint(1, 96, (4, 10))  # no special token: the SAE replaces every position
+    r = ev.core_metrics(tiny_model, 1, [zero_sae(32)], rows.numpy(), batch_rows=4)[0]
+    assert r["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert r["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
+    assert r["l0"] == 0 and r["frac_alive"] == 0
+
+
+def test_residuals_drop_special_and_padding_positions(tiny_model):
+    rows = [[0, 5, 6, 7], [0, 8], [0, 9, 0, 10]]  # BOS, padding, and an EOS mid-row
+    acts, counts = ev.residuals(tiny_model, rows, 1, batch_rows=2)
+    assert counts.tolist() == [3, 1, 2]
+    alone = tiny_model.resid_post(torch.tensor([[0, 8]]), 1)[0, 1]
+    assert torch.allclose(acts[3], alone, atol=1e-5)  # right padding does not change a row
+    last = ev.residuals(tiny_model, rows, 1, batch_rows=3, positions=[len(r) - 1 for r in rows])
+    assert torch.allclose(last[1], alone, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- §0 probes
+
+def test_l2_logistic_regression_matches_the_symmetric_1d_solution():
+    # x = ±1, y = [x > 0]: by symmetry b = 0 and the stationarity condition is w = C·n·(1 − σ(w))
+    n, C = 40, 0.3
+    x = torch.tensor([[1.0]] * (n // 2) + [[-1.0]] * (n // 2))
+    y = (x[:, 0] > 0).double()
+    w, b = ev.logistic_regression(x, y, C=C)
+    lo, hi = 0.0, 100.0
+    for _ in range(200):  # bisection on g(w) = w − C n (1 − σ(w)), increasing in w
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid - C * n * (1 - 1 / (1 + math.exp(-mid))) < 0 else (lo, mid)
+    assert w.item() == pytest.approx(lo, abs=1e-6)
+    assert b.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_l2_logistic_regression_gradient_vanishes_with_balanced_weights():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 4))
+    y = (x @ [1.0, -2.0, 0.5, 0.0] + rng.normal(size=300) > 1.2).astype(float)  # imbalanced
+    C = 0.7
+    w, b = (t.numpy() for t in ev.logistic_regression(x, y, C=C, balanced=True))
+    s = np.where(y > 0, len(y) / (2 * y.sum()), len(y) / (2 * (len(y) - y.sum())))
+    residual = s * (1 / (1 + np.exp(-(x @ w + b))) - y)
+    assert np.abs(w + C * x.T @ residual).max() < 1e-6       # ∂/∂w of 0.5‖w‖² + C Σ s·logloss
+    assert abs(C * residual.sum()) < 1e-6                    # ∂/∂b: the intercept is unpenalised
+
+
+def test_l1_logistic_regression_satisfies_the_kkt_conditions():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 6))
+    y = (x[:, 0] - x[:, 1] + 0.5 * rng.normal(size=200) > 0).astype(float)
+    C = 0.05
+    w, b = (t.numpy() for t in ev.logistic_regression(x, y, C=C, penalty="l1", tol=1e-12))
+    grad = C * x.T @ (1 / (1 + np.exp(-(x @ w + b))) - y)   # of C·Σ logloss
+    active = w != 0
+    assert active.sum() >= 2 and not active.all()           # sparse, but keeps the two real features
+    assert np.allclose(grad[active], -np.sign(w[active]), atol=1e-5)
+    assert np.all(np.abs(grad[~active]) <= 1 + 1e-5)
+    assert abs(C * (1 / (1 + np.exp(-(x @ w + b))) - y).sum()) < 1e-5     # free intercept
+
+
+def test_auc_matches_brute_force_pair_count_with_ties():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 5, size=60).astype(float)  # many ties
+    y = rng.random(60) < 0.4
+    pos, neg = scores[y], scores[~y]
+    brute = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
+    assert ev.roc_auc(scores, y) == pytest.approx(brute)
+    assert ev.roc_auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0 and ev.roc_auc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+
+
+def test_probes_on_noise_are_at_chance():
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.normal(size=(2000, 5)))
+    y = torch.tensor(rng.random(2000) < 0.5)
+    w, b = ev.logistic_regression(x[:1000], y[:1000])
+    assert abs(ev.roc_auc((x[1000:] @ w + b).numpy(), y[1000:].numpy()) - 0.5) < 0.06
+    assert abs(ev.top_k_probe_accuracy(x[:1000], y[:1000], x[1000:], y[1000:], 2) - 0.5) < 0.06
+
+
+def test_sgd_probe_keeps_its_best_test_epoch():
+    rng = np.random.default_rng(5)
+    x = torch.tensor(rng.normal(size=(400, 3)), dtype=torch.float32)
+    y = x[:, 0] > 0
+    w, b, best = ev.train_probe_sgd(x[:300], y[:300], epochs=30, batch_size=16, lr=1e-2, weight_decay=0.01,
+                                    x_test=x[300:], y_test=y[300:])
+    assert best == pytest.approx(ev.accuracy(w, b, x[300:], y[300:].numpy())) and best > 0.95
+    assert w.shape == (3,)
+
+
+def test_f1_score():
+    assert ev.f1_score([1, 1, 0, 0], [1, 0, 1, 0]) == pytest.approx(2 * 1 / (2 + 2))
+    assert ev.f1_score([0, 0], [0, 0]) == 0.0
+
+
+# ----------------------------------------------------------------------------- §2 absorption
+
+def planted_absorption_case():
+    """d = 6, p = e0. Latent 0 is the letter latent (W_dec = e0); latent 1 absorbs the letter for
+    some words (W_dec ∝ e0 + e1, cos 0.707); latents 2-5 are orthogonal to p."""
+    W_dec = torch.eye(6)
+    W_dec[1] = torch.tensor([1.0, 1.0, 0, 0, 0, 0]) / math.sqrt(2)
+    latents = torch.tensor([
+        [0.0, 2.0, 0, 0, 1.0, 0],   # absorbed: letter latent silent, latent 1 carries the letter
+        [0.0, 1.0, 0, 0, 0, 0],     # absorbed
+        [0.0, 3.0, 0, 0.5, 0, 0],   # absorbed
+        [1.5, 0.0, 0, 0, 0, 0.2],   # clean: the letter latent fires
+        [0.5, 1.0, 0, 0, 0, 0],     # partial: both fire
+    ])
+    return latents @ W_dec, latents, torch.eye(6)[0] * 3.0, W_dec  # x = exact reconstruction
+
+
+def test_planted_absorbing_latent_gives_the_known_full_absorption():
+    x, latents, probe, W_dec = planted_absorption_case()
+    full, fraction = ev.word_absorption(x, latents, probe, W_dec, main_latents=[0])
+    assert full.tolist() == [True, True, True, False, False]
+    # partial word: P = 0.5 + 1/√2, M = 0.5, A = 1/√2 → A / (A + M)
+    partial = (1 / math.sqrt(2)) / (1 / math.sqrt(2) + 0.5)
+    assert fraction.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0, partial])
+    summary = ev.aggregate_absorption({0: dict(f1_probe=0.9, n_tp=5, n_full=int(full.sum()),
+                                               fraction_sum=float(fraction.sum()), n_main=1)})
+    assert summary["mean_full_absorption_score"] == pytest.approx(3 / 5)
+    assert summary["mean_absorption_fraction_score"] == pytest.approx((3 + partial) / 5)
+
+
+def test_clean_letter_latent_gives_no_absorption():
+    W_dec = torch.eye(4)
+    latents = torch.tensor([[1.0, 0, 0.3, 0], [2.0, 0, 0, 0.1], [0.7, 0.2, 0, 0]])
+    full, fraction = ev.word_absorption(latents @ W_dec, latents, torch.eye(4)[0], W_dec, [0])
+    assert not full.any() and fraction.abs().sum() == 0
+
+
+def test_absorption_aggregate_is_an_unweighted_mean_over_letters_passing_the_gate():
+    per_letter = {0: dict(f1_probe=0.9, n_tp=10, n_full=5, fraction_sum=6.0, n_main=1),
+                  1: dict(f1_probe=0.7, n_tp=2, n_full=0, fraction_sum=0.0, n_main=2),
+                  2: dict(f1_probe=0.5, n_tp=50, n_full=50, fraction_sum=50.0, n_main=1),  # gated out
+                  3: dict(f1_probe=0.9, n_tp=0, n_full=0, fraction_sum=0.0, n_main=1)}     # no words
+    r = ev.aggregate_absorption(per_letter, f1_gate=0.6)
+    assert r["letters_kept"] == ["a", "b"]
+    assert r["mean_full_absorption_score"] == pytest.approx((0.5 + 0.0) / 2)
+    assert r["mean_absorption_fraction_score"] == pytest.approx((0.6 + 0.0) / 2)
+    assert r["mean_num_split_features"] == pytest.approx(1.5)
+
+
+def test_f1_jump_rule_stops_at_the_first_small_gain():
+    assert ev.main_latents_from_f1([0.5, 0.52, 0.9], [[3], [3, 4], [3, 4, 5]]) == [3]
+    assert ev.main_latents_from_f1([0.5, 0.6, 0.61], [[3], [3, 4], [3, 4, 5]]) == [3, 4]
+
+
+def test_k_sparse_probing_finds_the_planted_letter_latent():
+    # enough words that the batch-4096 L1 probe gets a few hundred Adam steps, as in SAEBench
+    rng = np.random.default_rng(6)
+    letters = rng.integers(0, 3, size=26000)
+    f = np.abs(rng.normal(size=(26000, 12))) * 0.3
+    f[:, 7] += 2.0 * (letters == 0)   # latent 7 fires for words starting with "a"
+    f[:, 2] += 2.0 * (letters == 1)   # latent 2 for "b"
+    f = torch.tensor(f, dtype=torch.float32)
+    result = ev.k_sparse_main_latents(f[:24000], letters[:24000], f[24000:], letters[24000:], [0, 1], max_k=3)
+    assert result[0][0] == [7] and result[1][0] == [2]
+    assert result[0][1][0] == pytest.approx(1.0)
+
+
+def test_absorption_vocabulary_and_prompt_positions():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "Ġcat", "dog", "▁Apple", "a1", "Ġ", "ĠCafé", "Ġz"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    assert ev.absorption_vocabulary(tok) == [(1, " cat", 2), (2, "dog", 3), (3, " Apple", 0), (7, " z", 25)]
+    prompt = ev.first_letter_prompt(" cat", [" Apple", "dog"])
+    assert prompt == "\n Apple has the first letter: A\ndog has the first letter: D\n cat has the first letter:"
+    # with a byte-level BPE the word's own token sits just before the suffix
+    import prepare
+    bpe = prepare.train_tiny_tokenizer(["the cat has the first letter: C\n dog Apple banana"] * 50)
+    words = [e for e in ev.absorption_vocabulary(bpe) if e[1].strip() in ("cat", "dog", "Apple")]
+    rows, positions, keep = ev.absorption_prompts(bpe, 0, words, [w for _, w, _ in words], 2, random.Random(0))
+    assert keep.sum() >= 2
+    kept = [e for e, k in zip(words, keep) if k]
+    assert all(row[p] == e[0] and row[0] == 0 for row, p, e in zip(rows, positions, kept))
+
+
+class LetterLM(torch.nn.Module):
+    """A stand-in LLM whose residual at a token is its embedding: 3·e_letter (the token's first
+    letter) + small noise, so the first letter is linearly readable as in a real model."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.embed = torch.nn.Embedding.from_pretrained(embedding)
+        self.cfg = SimpleNamespace(pad_token_id=None, eos_token_id=0, bos_token_id=0, d_model=embedding.shape[1])
+
+    def resid_post(self, idx, layer, attention_mask=None):
+        return self.embed(idx)
+
+    def valid_mask(self, idx, attention_mask=None):
+        keep = idx != 0
+        return keep if attention_mask is None else keep & attention_mask.bool()
+
+
+@pytest.mark.parametrize("n_absorbed", [12, 0])
+def test_run_absorption_finds_exactly_the_planted_absorbed_words(tmp_path, n_absorbed):
+    """40 words per letter. The SAE has one latent per letter (W_dec = e_letter, threshold 2.5);
+    the first n_absorbed 'c' words instead sit at 3·(e_c + e_j)/√2, where the 'c' latent stays
+    below threshold and a word-specific latent j fires: those words, and only those, are absorbed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    words = sorted({c + "".join(rng.choice(alphabet) for _ in range(5)) for c in alphabet for _ in range(40)})
+    vocabulary = ["<|endoftext|>", "has", "the", "first", "letter", ":"] + list(alphabet.upper()) + words
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocabulary)}, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    d, eye = 128, torch.eye(128)
+    absorbed = [w for w in words if w.startswith("c")][:n_absorbed]
+    embedding = torch.zeros(len(vocabulary), d)
+    for i, token in enumerate(vocabulary):
+        if token.isalpha():
+            letter = eye[alphabet.index(token[0].lower())]
+            j = absorbed.index(token) if token in absorbed else None
+            embedding[i] = 3 * (letter if j is None else (eye[2] + eye[26 + j]) / math.sqrt(2))
+    embedding += 0.05 * torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0))
+    W_dec = eye.clone()
+    for j in range(n_absorbed):
+        W_dec[26 + j] = (eye[2] + eye[26 + j]) / math.sqrt(2)
+    s = sae_lib.SAE(d, d, arch="batchtopk", k=4)
+    with torch.no_grad():
+        s.W_dec.copy_(W_dec), s.W_enc.copy_(W_dec.T), s.b_enc.zero_(), s.b_dec.zero_(), s.threshold.fill_(2.5)
+    llm = SimpleNamespace(m=LetterLM(embedding), tokenizer=tokenizer, layer=0, dtype=torch.float32, key=["letters"],
+                          cache_dir=str(tmp_path), batch_rows=64)
+    cfg = SimpleNamespace(**configurator.defaults(vars(ev)))
+    r = ev.run_absorption(llm, [s], cfg)[0]
+    per_letter = r["per_letter"]
+    assert r["n_letters_kept"] == 26 and per_letter["c"]["main_latents"] == [2]
+    assert all(v["n_full"] == 0 for letter, v in per_letter.items() if letter != "c")
+    c = per_letter["c"]
+    assert set(c["absorbed_words"]) <= set(absorbed) and len(c["absorbed_words"]) == c["n_full"]
+    assert (c["n_full"] >= 1) == (n_absorbed > 0)  # ~20% of the 12 planted words are test words
+    assert r["mean_full_absorption_score"] == pytest.approx(c["n_full"] / c["n_tp"] / 26)
+
+
+# ----------------------------------------------------------------------------- §3 sparse probing
+
+def test_sparse_probing_picks_the_planted_latent():
+    rng = np.random.default_rng(7)
+    y = torch.tensor(rng.random(800) < 0.5)
+    f = torch.tensor(np.abs(rng.normal(size=(800, 20))), dtype=torch.float32)
+    f[:, 13] += 3.0 * y
+    assert ev.top_k_by_mean_difference(f[:600], y[:600], 1).tolist() == [13]
+    assert ev.top_k_probe_accuracy(f[:600], y[:600], f[600:], y[600:], 1) == 1.0
+
+
+def test_one_vs_rest_balances_negatives_over_the_other_classes():
+    labels = ["a"] * 30 + ["b"] * 50 + ["c"] * 50 + ["d"] * 50
+    idx, y = ev.one_vs_rest(labels, "a", np.random.default_rng(0))
+    assert int(y.sum()) == 30 and len(y) == 60
+    negatives = [labels[i] for i in idx[~y]]
+    assert sorted(negatives.count(c) for c in "bcd") == [10, 10, 10]
+
+
+def test_mean_pool_encodes_each_position_before_pooling():
+    acts = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-1.0, 1.0]])
+    counts = torch.tensor([2, 1])
+    assert torch.allclose(ev.mean_pool(acts, counts), torch.tensor([[2.0, 1.0], [-1.0, 1.0]]))
+    s = relu_sae(torch.eye(2), torch.eye(2))  # latents = ReLU(x): pooling first would differ
+    assert torch.allclose(ev.mean_pool(acts, counts, s), torch.tensor([[2.0, 2.0], [0.0, 1.0]]))
+
+
+# ----------------------------------------------------------------------------- §4 SCR, §5 TPP
+
+def scr_planted():
+    """x = (class: ±1, attribute: ±1) from four one-hot latents; each text has one token.
+    Latents 0/1 = P1/P2 (W_dec ±e0), latents 2/3 = G1/G2 (W_dec ±e1)."""
+    W_dec = torch.tensor([[1.0, 0], [-1.0, 0], [0, 1.0], [0, -1.0]])
+    cells = [(p, g) for p in (0, 1) for g in (0, 1) for _ in range(5)]  # 5 texts per cell
+    latents = torch.zeros(len(cells), 4)
+    for i, (p, g) in enumerate(cells):
+        latents[i, p] = 1.0
+        latents[i, 2 + g] = 1.0
+    x = latents @ W_dec
+
+    def split(positive):
+        y = torch.tensor([positive(c) for c in cells])
+        return torch.arange(len(cells)), y
+
+    attribute = split(lambda c: c[1] == 0)
+    cls = split(lambda c: c[0] == 0)
+    biased_idx = torch.tensor([i for i, c in enumerate(cells) if c in ((0, 0), (1, 1))])
+    biased = (biased_idx, torch.tensor([cells[i] == (0, 0) for i in biased_idx]))
+    splits = {"attribute": (attribute, attribute), "class": (cls, cls), "biased": (biased, biased)}
+    probes = {"attribute": (torch.tensor([0.0, 1.0]), 0.0), "class": (torch.tensor([1.0, 0.0]), 0.0),
+              "biased": (torch.tensor([1.0, 2.0]), 0.5)}
+    return probes, splits, x, latents, W_dec
+
+
+def test_scr_ablating_the_planted_attribute_latents_recovers_the_class():
+    probes, splits, x, latents, W_dec = scr_planted()
+    # biased probe: 0.5 on class labels, 1.0 on attribute labels → direction 1. Ablating both
+    # attribute latents leaves x = (±1, 0), where the biased probe is right on every class label:
+    # S1 = (1 − 0.5)/(1 − 0.5) = 1. Direction 2's denominator is 1 − 1 = 0 → 0.
+    r = ev.scr_scores(probes, splits, x, latents, latents, W_dec, ns=[2, 500])
+    assert r[2] == {"scr": 1.0, "dir1": 1.0, "dir2": 0.0}
+    assert r[500] == r[2]  # only two latents have a non-zero effect
+
+
+def test_scr_matches_an_independent_per_token_computation():
+    gen = torch.Generator().manual_seed(8)
+    n_texts, F_, d = 40, 10, 5
+    lengths = torch.randint(2, 6, (n_texts,), generator=gen)
+    token_latents = torch.relu(torch.randn(int(lengths.sum()), F_, generator=gen))
+    W_dec = torch.nn.functional.normalize(torch.randn(F_, d, generator=gen), dim=1)
+    error = 0.1 * torch.randn(int(lengths.sum()), d, generator=gen)
+    tokens = token_latents @ W_dec + error
+    owner = torch.repeat_interleave(torch.arange(n_texts), lengths)
+    pool = lambda t: torch.stack([t[owner == i].mean(0) for i in range(n_texts)])  # noqa: E731
+    x, latents = pool(tokens), pool(token_latents)
+    labels = {name: torch.rand(n_texts, generator=gen) < 0.5 for name in ("attribute", "class", "biased")}
+    splits = {name: ((torch.arange(n_texts), y), (torch.arange(n_texts), y)) for name, y in labels.items()}
+    probes = {name: (torch.randn(d, generator=gen), 0.1) for name in labels}
+    r = ev.scr_scores(probes, splits, x, latents, latents, W_dec, ns=[1, 3])
+
+    def acc(name, features, on):
+        w, b = probes[name]
+        return ((features.double() @ w.double() + b > 0) == labels[on]).double().mean().item()
+
+    for n in (1, 3):
+        scores = {}
+        for direction, ablated, measured in ((1, "attribute", "class"), (2, "class", "attribute")):
+            y = labels[ablated]
+            effect = ((latents[y].mean(0) - latents[~y].mean(0)) * (W_dec @ probes[ablated][0])).abs()
+            chosen = effect.argsort(descending=True)[:n]
+            ablated_tokens = tokens - token_latents[:, chosen] @ W_dec[chosen]  # per position
+            biased_before, biased_after = acc("biased", x, measured), acc("biased", pool(ablated_tokens), measured)
+            denominator = acc(measured, x, measured) - biased_before
+            scores[direction] = (biased_after - biased_before) / denominator if denominator >= 1e-3 else 0.0
+        chosen_direction = 1 if acc("biased", x, "class") < acc("biased", x, "attribute") else 2
+        assert r[n]["dir1"] == pytest.approx(scores[1]) and r[n]["dir2"] == pytest.approx(scores[2])
+        assert r[n]["scr"] == pytest.approx(scores[chosen_direction])
+
+
+def test_tpp_ablating_one_class_latent_hurts_only_its_probe():
+    # three classes, one latent each (W_dec = e_c); probe c fires when x_c > 0.5
+    per_class = 6
+    labels = torch.arange(3).repeat_interleave(per_class)
+    latents = torch.nn.functional.one_hot(labels, 3).float()
+    W_dec = torch.eye(3)
+    x = latents @ W_dec
+    probes = {c: (4.0 * torch.eye(3)[c], -2.0) for c in range(3)}
+    splits = {}
+    for c in range(3):
+        idx = torch.arange(len(labels))
+        splits[c] = ((idx, labels == c), (idx, labels == c))
+    r = ev.tpp_scores(probes, splits, x, latents, latents, W_dec, ns=[1, 20])
+    # ablating class i: probe i misses all its positives. Its test split has 6 positives and 12
+    # negatives, so accuracy drops from 1 to 12/18; the other probes stay perfect
+    for n in (1, 20):
+        assert r[n]["intended"] == pytest.approx(1 - 12 / 18)
+        assert r[n]["unintended"] == pytest.approx(0.0)
+        assert r[n]["tpp"] == pytest.approx(1 - 12 / 18)
+
+
+# ----------------------------------------------------------------------------- §6 OOD
+
+def test_label_encoding_is_sorted_like_label_encoder():
+    codes, classes = ev.encode_labels(["not_entailment", "1", "1"])
+    assert classes == ["1", "not_entailment"] and codes.tolist() == [1, 0, 0]
+    codes, classes = ev.encode_labels(["10", "9", "10"])
+    assert classes == ["9", "10"] and codes.tolist() == [1, 0, 1]
+
+
+def test_find_best_reg_validation_rules():
+    (train, val), = ev.validation_splits(np.arange(200) % 2)
+    assert val.tolist() == list(range(160, 200)) and train.tolist() == list(range(160))  # last 20%
+    (train, val), = ev.validation_splits(np.arange(1000) % 2)
+    assert val.tolist() == list(range(900, 1000))                                        # at most 100
+    y = np.arange(60) % 3 == 0
+    folds = ev.validation_splits(y)
+    assert len(folds) == 6 and sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(60))
+    assert all(y[v].sum() in (3, 4) for _, v in folds)                                    # stratified
+    assert all(len(np.intersect1d(t, v)) == 0 and len(t) + len(v) == 60 for t, v in folds)
+    # n ≤ 12: leave two out, only pairs holding both classes
+    assert len(ev.validation_splits(np.array([0, 0, 1, 1, 1]))) == 2 * 3
+
+
+def test_ood_probes_on_a_planted_shift():
+    rng = np.random.default_rng(9)
+    y_id, y_ood = rng.integers(0, 2, 400), rng.integers(0, 2, 200)
+    f_id = np.abs(rng.normal(size=(400, 30))) * 0.5
+    f_ood = np.abs(rng.normal(size=(200, 30))) * 0.5
+    f_id[:, 4] = 2 * y_id + rng.uniform(0, 0.2, 400)
+    f_ood[:, 4] = 1 + 0.5 * y_ood + rng.uniform(0, 0.2, 200)  # shifted and shrunk, still ordered: AUC 1
+    f_id, f_ood = torch.tensor(f_id, dtype=torch.float32), torch.tensor(f_ood, dtype=torch.float32)
+    auc, C = ev.ood_sae_auc(f_id, y_id, f_ood, y_ood, k=1, pool_rows=300, per_class=100)
+    assert auc == 1.0 and C in tuple(np.logspace(5, -5, 10))
+    oracle, _ = ev.ood_oracle_auc(f_id, y_id, f_ood, y_ood, pool_rows=300, per_class=100)
+    assert oracle > 0.95
+    noise_id, noise_ood = (torch.tensor(rng.normal(size=(n, 30))) for n in (400, 200))
+    noise, _ = ev.ood_oracle_auc(noise_id, rng.integers(0, 2, 400), noise_ood, y_ood, pool_rows=300, per_class=100)
+    assert abs(noise - 0.5) < 0.12
+
+
+# ----------------------------------------------------------------------------- reports
+
+def test_comparison_table_pairs_saes_and_reports_deltas():
+    runs = {"out/base": {"k8": {"core": {"l0": 8.0, "explained_variance": 0.8}}},
+            "out/masked": {"k8": {"core": {"l0": 8.1, "explained_variance": 0.75}}}}
+    table = ev.comparison_table(runs)
+    assert "| EV (global) ↑ | k8 | 0.8000 | 0.7500 | -0.0500 |" in table
+    assert "| L0 | k8 | 8.0000 | 8.1000 | 0.1000 |" in table
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
+    """prepare.py's tiny default (RANDOM model, stdlib tokenizer), two random SAEs, every metric
+    on small settings; then a second run for the comparison table and its cache reuse."""
+    import prepare
+    data = tmp_path / "data"
+    prepare.main([f"--model_dir={data}/model", f"--tokens_dir={data}/tokens", "--max_tokens=20000",
+                  "--val_fraction=0.3"])
+    for run, seed in (("base", 0), ("masked", 1)):
+        for k in (4, 8):
+            s = sae_lib.SAE(128, 64, arch="batchtopk", k=k, seed=seed + k, model=str(data / "model"), layer=1,
+                            mask_prob=0.3 * seed)
+            with torch.no_grad():
+                s.threshold.fill_(0.3)
+            sae_lib.save(s, str(tmp_path / run / f"k{k}"))
+    small = [f"--tokens_dir={data}/tokens", f"--eval_data_dir={tmp_path}/eval", f"--cache_dir={tmp_path}/cache",
+             f"--comparison_file={tmp_path}/comparison.md", "--core_tokens=4096", "--core_ce_tokens=2048",
+             "--probing_train_per_class=40", "--probing_test_per_class=20", "--scr_train_per_cell=20",
+             "--scr_test_per_cell=10", "--ood_pool_rows=150", "--ood_train_per_class=40",
+             "--absorption_min_letter_tokens=30", "--ood_max_tokens=64", "--probing_ctx=32"]
+    ev.main([str(tmp_path / "base")] + small)
+    result = json.load(open(tmp_path / "base" / "k4" / "eval.json"))
+    assert set(ev._RUNNERS) <= set(result)
+    assert result["core"]["tokens"] > 0 and 0 <= result["core"]["frac_alive"] <= 1
+    assert result["absorption"]["n_letters_kept"] >= 0
+    assert 0 <= result["sparse_probing"]["sae_top_1_test_accuracy"] <= 1
+    assert set(result["scr"]["per_run"]) == {"stdlib_docs:asyncio/email", "stdlib_docs:importlib/logging"}
+    assert 0 <= result["ood"]["oracle_auc"] <= 1 and "gap_k128" in result["ood"]
+    cached = sorted(os.listdir(tmp_path / "cache"))
+    ev.main([str(tmp_path / "base"), str(tmp_path / "masked")] + small)
+    assert sorted(os.listdir(tmp_path / "cache")) == cached  # the second run reused every activation
+    table = open(tmp_path / "comparison.md").read()
+    assert "| Mean full absorption ↓ | k4 |" in table and "mask_prob 0.3" in table
+    assert "tiny model" in capsys.readouterr().out

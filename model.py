@@ -144,7 +144,9 @@ class Attention(nn.Module):
         # GQA: each k/v head serves n_head // n_kv_head consecutive query heads (HF repeat_kv)
         k, v = (t.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1) for t in (k, v))
         if cfg.attn_softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=cfg.attn_scale)
+            # allowed=None means plainly causal: is_causal lets SDPA skip the masked half of the scores
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                               scale=cfg.attn_scale)
         else:  # Gemma-2 caps the scores before the mask, which SDPA cannot do: HF's eager path
             scores = (q @ k.transpose(-2, -1)) * cfg.attn_scale
             scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
@@ -249,9 +251,11 @@ class Transformer(nn.Module):
             raise ValueError(f"attention_mask must be (batch, seq) = {tuple(x.shape[:2])}, "
                              f"got {tuple(attention_mask.shape)}")
         cos, sin = rotary_cos_sin(cfg, T, x.device, x.dtype)
-        full = attention_allowed(T, attention_mask, None, x.device)
+        # no padding, no soft-cap, no window shorter than T: plain causal attention (None, see Attention)
+        causal = attention_mask is None and cfg.attn_softcap is None
+        full = None if causal else attention_allowed(T, attention_mask, None, x.device)
         sliding = full
-        if cfg.sliding_layers:
+        if cfg.sliding_layers and not (causal and T <= cfg.sliding_window):
             sliding = attention_allowed(T, attention_mask, cfg.sliding_window, x.device)
         for i in layers:
             x = self.blocks[i](x, cos, sin, sliding if i in cfg.sliding_layers else full)

@@ -119,6 +119,18 @@ def test_forward_from_resid_post_gives_the_logits(make_hf_model, case):
                 assert_close(m.forward_from(resid, layer, mask), logits, mask, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["neox-parallel-rotary0.25", "gemma2-no-softcap-sdpa"])
+def test_unpadded_fast_path_equals_the_explicit_mask(make_hf_model, case):
+    """Without attention_mask (and without a soft-cap) SDPA runs with is_causal=True instead of a
+    mask; an all-ones attention_mask takes the masked path. Gemma's window 4 < T still builds its mask."""
+    arch, overrides = CASES[case]
+    m = model.load(make_hf_model(arch, **overrides))
+    idx, _ = batches()[0]
+    with torch.no_grad():
+        for layer in range(m.cfg.n_layer):
+            assert_close(m.resid_post(idx, layer), m.resid_post(idx, layer, torch.ones_like(idx)), atol=1e-5)
+
+
 @pytest.mark.parametrize("case", [NEOX, GEMMA, "gemma2-no-softcap-sdpa"])
 def test_right_padding_leaves_real_tokens_unchanged_and_padding_finite(make_hf_model, case):
     arch, overrides = CASES[case]

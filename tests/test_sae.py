@@ -3,27 +3,13 @@ feature recovery on synthetic data with known directions. Run: pytest -q tests/t
 import copy
 import json
 import os
-import sys
-
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import sae as sae_lib  # noqa: E402
-from sae import SAE  # noqa: E402
-
-ARCHS = ["matryoshka_batchtopk", "batchtopk", "topk", "relu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny; extra threads only fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+import sae as sae_lib
+from sae import ARCHS, SAE
 
 
 def set_params(sae, W_enc, W_dec, b_enc, b_dec):
@@ -233,22 +219,64 @@ def test_relu_arch_has_no_decoder_constraint():
 
 
 # ---------------------------------------------------------------------------------------------
-# Sparse decode path (same math, only the selected latents)
+# The sparse training path (sae.py's default on CPU) against the plain dense math
 
-@pytest.mark.parametrize("arch", ["matryoshka_batchtopk", "topk"])
-def test_sparse_decode_matches_dense(arch):
+@pytest.mark.parametrize("arch", ["matryoshka_batchtopk", "batchtopk", "topk"])
+@pytest.mark.parametrize("dead_ids", [None, [], [1, 4, 6], list(range(0, 32, 3))])
+def test_sparse_path_matches_dense(arch, dead_ids):
+    """Loss terms, kept latents and every parameter gradient agree. d=8 gives k_aux = 4, so 3 dead
+    latents decode all of them and 11 need aux-k's own top-k."""
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
-    dead = torch.arange(32) % 5 == 0
+    dead = None if dead_ids is None else torch.zeros(32, dtype=torch.bool).index_fill_(0, torch.tensor(dead_ids, dtype=torch.long), True)
     results = []
     for sparse in (False, True):
         sae = random_sae(arch)
-        loss, stats, _ = sae.training_loss(x, dead, sparse_decode=sparse)
+        loss, stats, f = sae.training_loss(x, dead, sparse=sparse)
         loss.backward()
-        results.append((stats["prefix_losses"], [p.grad for p in sae.parameters()]))
-    (dense_losses, dense_grads), (sparse_losses, sparse_grads) = results
-    assert torch.allclose(dense_losses, sparse_losses, rtol=1e-5)
-    for dense_grad, sparse_grad in zip(dense_grads, sparse_grads):
+        results.append((stats, f, [p.grad for p in sae.parameters()]))
+    (dense_stats, dense_f, dense_grads), (sparse_stats, sparse_f, sparse_grads) = results
+    assert (dense_stats["aux"] > 0) == bool(dead_ids)  # aux-k ran exactly when a latent was dead
+    for key in ("loss", "rec", "aux", "prefix_losses", "l0", "min_act"):
+        assert torch.allclose(dense_stats[key], sparse_stats[key], rtol=1e-5), key
+    assert torch.equal(dense_f != 0, sparse_f != 0) and torch.allclose(dense_f, sparse_f, atol=1e-6)
+    for stats, f in ((dense_stats, dense_f), (sparse_stats, sparse_f)):  # the loop's bookkeeping from f
+        assert torch.equal(stats["fired"], (f != 0).any(0)) and not stats["fired"].all()
+        assert stats["min_act"] == sae_lib.batch_min_positive(f)
+    for name, dense_grad, sparse_grad in zip(["W_enc", "W_dec", "b_enc", "b_dec"], dense_grads, sparse_grads):
+        assert dense_grad.abs().max() > 0, name
+        assert torch.allclose(dense_grad, sparse_grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_sparse_path_ignores_unkept_zero_activations():
+    """Fewer than k*B positive pre-activations: BatchTopK then keeps some zeros, which must get no
+    gradient (the ReLU's), exactly as in the dense path."""
+    sae = random_sae("batchtopk", k=8)
+    with torch.no_grad():
+        sae.b_enc.fill_(-2.0)  # most pre-activations negative
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for sparse in (False, True):
+        sae.zero_grad()
+        loss, stats, f = sae.training_loss(x, sparse=sparse)
+        loss.backward()
+        assert stats["l0"].item() < 8  # the kept set did include zeros
+        grads.append([p.grad.clone() for p in sae.parameters()])
+    for dense_grad, sparse_grad in zip(*grads):
         assert torch.allclose(dense_grad, sparse_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, k", [((64, 256), 4), ((7, 256), 4), ((64, 256), 40)])
+def test_batch_topk_in_chunks_equals_one_topk(shape, k):
+    """batch_topk splits a big batch into row chunks (the first shape: 8 chunks; 7 rows, or a large
+    k*B, give one). Integer values make ties at the cut: any tied choice is a valid top. The first
+    rows hold all the largest values, so a chunk that kept less than k*B entries would lose some."""
+    a = torch.randint(0, 1000, shape, generator=torch.Generator().manual_seed(0)).float()
+    a[:2] += 1000
+    n_keep = k * shape[0]
+    idx, vals = sae_lib.batch_topk(a, n_keep)
+    assert len(idx.unique()) == n_keep
+    assert torch.equal(a.flatten()[idx], vals)
+    assert torch.equal(vals.sort().values, a.flatten().topk(n_keep).values.sort().values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,9 +546,9 @@ def test_compiled_training_loss_matches_eager():
     sae = random_sae("matryoshka_batchtopk", d=16, F=64)
     x = torch.randn(32, 16)
     dead = torch.arange(64) % 3 == 0
-    compiled = torch.compile(lambda x, dead: sae.training_loss(x, dead)[0], fullgraph=True)
+    compiled = torch.compile(lambda x, dead: sae.training_loss(x, dead, sparse=False)[0], fullgraph=True)
     grads = []
-    for loss_fn in (compiled, lambda x, dead: sae.training_loss(x, dead)[0]):
+    for loss_fn in (compiled, lambda x, dead: sae.training_loss(x, dead, sparse=False)[0]):
         sae.zero_grad()
         loss = loss_fn(x, dead)
         loss.backward()
@@ -531,10 +559,29 @@ def test_compiled_training_loss_matches_eager():
         assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch, sparse", [("topk", True), ("relu", False)])
-def test_other_paths_compile_without_graph_breaks(arch, sparse):
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_other_paths_compile_without_graph_breaks(arch):
     sae = random_sae(arch)
     x = torch.randn(16, 8)
-    compiled = torch.compile(lambda x: sae.training_loss(x, l1_scale=0.5, sparse_decode=sparse)[0],
+    compiled = torch.compile(lambda x: sae.training_loss(x, l1_scale=0.5, sparse=False)[0],
                              backend="aot_eager", fullgraph=True)
-    assert torch.allclose(compiled(x), sae.training_loss(x, l1_scale=0.5, sparse_decode=sparse)[0])
+    assert torch.allclose(compiled(x), sae.training_loss(x, l1_scale=0.5, sparse=False)[0])
+
+
+def test_sparse_path_runs_under_torch_compile():
+    """train.py's compile=on wraps training_loss whole; the sparse path then has graph breaks (the
+    host-side dead count, the sparse products) but must give the eager values and gradients."""
+    sae = random_sae("matryoshka_batchtopk", d=16, F=64)
+    x = torch.randn(32, 16)
+    dead = torch.arange(64) % 3 == 0
+    compiled = torch.compile(lambda x, dead: sae.training_loss(x, dead, sparse=True)[0], backend="aot_eager")
+    results = []
+    for loss_fn in (compiled, lambda x, dead: sae.training_loss(x, dead, sparse=True)[0]):
+        sae.zero_grad()
+        loss = loss_fn(x, dead)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in sae.parameters()]))
+    (compiled_loss, compiled_grads), (eager_loss, eager_grads) = results
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+        assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,297 @@
+"""
+The two inner loops stripped down for timing, each against the reference implementation in the
+same run (warm-up first, then medians of interleaved repeats), printed as one table:
+
+  harvest   tokens/s of resid_post at the hooked layer of a random-weight Pythia-160M-shaped model
+            (and a Gemma-2-2B-shaped one cut to a few blocks): ours (model.resid_post stops at the
+            layer) vs transformers computing the same hidden state (a) the usual way, a full forward
+            with output_hidden_states=True, and (b) truncated to layer+1 blocks, which is what
+            dictionary_learning and SAELens effectively do by stopping early.
+  sae step  tokens/s of one training step exactly as train.py runs it (train.sae_step, then the
+            dead counters and the threshold EMA), eager and torch.compile'd, vs dictionary_learning's
+            MatryoshkaBatchTopKTrainer.update on the same batch with the same dead latents (so both
+            run aux-k), i.e. the same math.
+  roofline  the step's necessary matrix work, 4·B·d·F FLOPs (encoder forward + encoder weight
+            gradient; the decoder is sparse), at the fp32 GEMM rate of a (B, d) @ (d, F) product
+            measured in the same run: "% of limit".
+
+  python bench.py                          # the full table, ~10 min on 2 CPU cores
+  python bench.py --quick=True             # tiny shapes, no compile: a smoke test in seconds
+  python bench.py --json_path=bench.json   # also write the table as JSON
+
+transformers (a test-only dependency) and dictionary_learning are imported lazily; their rows are
+skipped with a note when they are missing. dictionary-learning pulls torchvision, which breaks next
+to the CPU build of torch, so it lives in its own venv:
+
+  python -m venv .venv-bench
+  .venv-bench/bin/pip install torch==2.13.0 -r requirements.txt -r requirements-test.txt
+  echo "torch==2.13.0" > /tmp/torch-pin.txt
+  .venv-bench/bin/pip install dictionary-learning -c /tmp/torch-pin.txt
+  .venv-bench/bin/pip uninstall -y torchvision
+  .venv-bench/bin/python bench.py
+"""
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import configurator
+import model as model_lib
+import sae as sae_lib
+import train
+
+# -----------------------------------------------------------------------------
+quick = False                      # tiny shapes and no compile: the smoke test
+threads = 2                        # torch threads for every row (the machine has 2 cores)
+device = "cpu"
+repeats = 5                        # timed runs per row; the median is reported
+warmup = 1                         # untimed runs first (the compiled step compiles here)
+# harvest
+layer = 8                          # hooked layer of the Pythia-shaped model (12 blocks)
+ctx_lens = [128, 1024]
+harvest_tokens = 2048              # tokens per LLM forward: harvest_tokens // ctx rows
+gemma_layers = 4                   # Gemma-2-2B shape with this many blocks, hooked at the last but one (0 = skip)
+# sae step
+batch_size = 2048                  # B, the paper's
+sae_d_in = 768                     # d: Pythia-160M's width
+sae_shapes = [[4096, 20], [4096, 160], [16384, 20], [16384, 160]]  # [F, k]
+dead_fraction = 0.01               # latents held dead so aux-k runs, the same ones in both implementations
+compile = True                     # also time the torch.compile'd step
+# output
+cache_dir = ""                     # where the random checkpoints are written once ("" = <tmp>/sae-bench)
+json_path = ""                     # write the table here too
+seed = 0
+
+_PYTHIA = dict(  # EleutherAI/pythia-160m-deduped's config.json (shared/reference/models.md)
+    architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", vocab_size=50304, hidden_size=768,
+    num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+    rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, layer_norm_eps=1e-5,
+    max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+_GEMMA = dict(  # google/gemma-2-2b's config.json, blocks cut to gemma_layers
+    architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000, hidden_size=2304,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
+    hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096, rms_norm_eps=1e-6,
+    rope_theta=10000.0, max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+_QUICK = dict(ctx_lens=[32], harvest_tokens=128, layer=1, gemma_layers=2, batch_size=256,
+              sae_d_in=64, sae_shapes=[[512, 8]], repeats=2, warmup=1, compile=False)
+
+
+def timed(functions, cfg):
+    """{name: median seconds} of each function, run round-robin so load changes hit all alike."""
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    times = {name: [] for name in functions}
+    for i in range(cfg.warmup + cfg.repeats):
+        for name, fn in functions.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def optional(module):
+    """Import a comparison library if it is installed, else None (its rows say so)."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except Exception as e:  # ImportError, or a broken install such as torchvision's next to CPU torch
+        print(f"note: {module} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80]}); its rows are skipped")
+        return None
+
+
+# -----------------------------------------------------------------------------
+# harvest: our forward to the hooked layer vs transformers
+
+def checkpoint(cfg, name, hub_config, dtype):
+    """A random-weight model folder in the hub's layout, written once (transformers' save_pretrained)."""
+    folder = os.path.join(cfg.cache_dir or os.path.join(tempfile.gettempdir(), "sae-bench"), name)
+    if not os.path.exists(os.path.join(folder, "model.safetensors.index.json")) and \
+            not os.path.exists(os.path.join(folder, "model.safetensors")):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        torch.manual_seed(cfg.seed)
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hub_config)).to(dtype)
+        hf.save_pretrained(folder + ".tmp")
+        with open(os.path.join(folder + ".tmp", "config.json"), "w") as f:
+            json.dump(hub_config, f, indent=2)  # the hub's spelling, as prepare.py downloads it
+        os.replace(folder + ".tmp", folder)
+    return folder
+
+
+def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens):
+    rows = []
+    if not ctx_lens:
+        return rows
+    if transformers is None:
+        return [dict(row=f"harvest {name}", note="skipped: transformers is not installed")]
+    folder = checkpoint(cfg, name, hub_config, dtype)
+    ours = model_lib.load(folder, cfg.device, dtype)
+    full = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(cfg.device).eval()
+    # (b): only the first hook+1 blocks are loaded; the base model (no LM head) runs them, and a
+    # forward hook on the last one reads its output (the final norm after it is negligible)
+    cut = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, num_hidden_layers=hook + 1).to(cfg.device).eval().base_model
+    captured = {}
+    cut.layers[hook].register_forward_hook(
+        lambda module, args, out: captured.update(x=out[0] if isinstance(out, tuple) else out))
+    for ctx in ctx_lens:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randint(3, hub_config["vocab_size"], (max(1, cfg.harvest_tokens // ctx), ctx),
+                            generator=generator).to(cfg.device)
+        idx[:, 0] = hub_config["bos_token_id"]
+        runs = {"ours": lambda: ours.resid_post(idx, hook),
+                "full": lambda: full(idx, output_hidden_states=True).hidden_states[hook + 1],
+                "cut": lambda: (cut(idx), captured["x"])[1]}
+        with torch.no_grad():
+            reference = runs["full"]().float()
+            for other in ("ours", "cut"):  # the same hidden state, or the comparison means nothing
+                error = (runs[other]().float() - reference).norm() / reference.norm()
+                if error > (1e-4 if dtype == torch.float32 else 3e-2):
+                    raise RuntimeError(f"{name}: {other} differs from transformers at layer {hook} (rel. error {error:.2e})")
+            seconds = timed(runs, cfg)
+        tok_s = {key: idx.numel() / s for key, s in seconds.items()}
+        case = f"harvest {name} L{hook} ctx{ctx}"
+        print(f"{case}: " + ", ".join(f"{key} {v:,.0f} tok/s" for key, v in tok_s.items()), flush=True)
+        rows.append(dict(row=case, ours_tok_s=tok_s["ours"], vs="transformers full forward + output_hidden_states",
+                         vs_tok_s=tok_s["full"], ratio=tok_s["ours"] / tok_s["full"]))
+        rows.append(dict(row=case, ours_tok_s=tok_s["ours"], vs=f"transformers cut after block {hook} (stops early)",
+                         vs_tok_s=tok_s["cut"], ratio=tok_s["ours"] / tok_s["cut"]))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# SAE step: train.py's step vs dictionary_learning's MatryoshkaBatchTopKTrainer.update
+
+def our_step(cfg, train_cfg, d, F, k, x, dead_mask, compiled):
+    """train.py's inner loop body for one SAE: sae_step, dead counters, threshold EMA."""
+    sae = sae_lib.SAE(d, F, arch="matryoshka_batchtopk", k=k, seed=cfg.seed).to(cfg.device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999),
+                                 fused=cfg.device.startswith("cuda") or None)  # as train.py
+    loss_fn = torch.compile(sae.training_loss) if compiled else sae.training_loss
+    dead = torch.zeros(F, dtype=torch.long, device=cfg.device)
+
+    def step():
+        stats, f = train.sae_step(sae, loss_fn, optimizer, x, dead_mask, 3e-4, 1.0, train_cfg, 1,
+                                  contextlib.nullcontext())
+        fired = (f != 0).any(0)
+        dead.add_(len(x))
+        dead[fired] = 0
+        sae_lib.update_threshold(sae, sae_lib.batch_min_positive(f.float()))
+    return step
+
+
+def reference_step(cfg, d, F, k, x, dead_mask):
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+    trainer = MatryoshkaBatchTopKTrainer(
+        steps=10**6, activation_dim=d, dict_size=F, k=k, layer=cfg.layer, lm_name="bench",
+        group_fractions=[1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32], lr=3e-4, seed=cfg.seed,
+        device=cfg.device)
+    count = [2000]  # past its threshold_start_step (1000), so its threshold EMA runs, as ours does
+
+    def step():
+        trainer.num_tokens_since_fired.copy_(dead_mask.long() * 10**9)  # the same dead latents
+        trainer.update(count[0], x)
+        count[0] += 1
+    return step
+
+
+def sae_rows(cfg, F, k, rival):
+    """Our eager step timed interleaved with a rival: our compiled step, or dictionary_learning's."""
+    d, B = cfg.sae_d_in, cfg.batch_size
+    generator = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(B, d, generator=generator).to(cfg.device) / d ** 0.5  # E||x||² = 1, as train.py scales
+    dead_mask = (torch.rand(F, generator=generator) < cfg.dead_fraction).to(cfg.device)
+    train_cfg = configurator.configure(vars(train), [])  # train.py's defaults (grad_clip)
+    W_enc = torch.randn(d, F, generator=generator).to(cfg.device)
+    runs = {"gemm": lambda: x @ W_enc, "eager": our_step(cfg, train_cfg, d, F, k, x, dead_mask, False)}
+    if rival == "compiled":
+        runs["compiled"] = our_step(cfg, train_cfg, d, F, k, x, dead_mask, True)
+    elif rival == "reference":
+        runs["reference"] = reference_step(cfg, d, F, k, x, dead_mask)
+    seconds = timed(runs, cfg)
+    tok_s = {name: B / s for name, s in seconds.items() if name != "gemm"}
+    gemm_flops = 2 * B * d * F / seconds["gemm"]
+    limit = gemm_flops / (4 * d * F)  # tokens/s if the step were only its two necessary GEMMs
+    case = f"sae step d{d} F{F} k{k} B{B}"
+    print(f"{case}: " + ", ".join(f"{name} {v:,.0f} tok/s" for name, v in tok_s.items())
+          + f", fp32 GEMM {gemm_flops / 1e9:.0f} GFLOP/s", flush=True)
+    ours = "compiled" if rival == "compiled" else "eager"
+    row = dict(row=f"{case} {ours}", ours_tok_s=tok_s[ours], gemm_gflops=gemm_flops / 1e9, limit_tok_s=limit,
+               pct_of_limit=100 * tok_s[ours] / limit)
+    if rival == "compiled":
+        row.update(vs="ours eager", vs_tok_s=tok_s["eager"], ratio=tok_s["compiled"] / tok_s["eager"])
+    elif rival == "reference":
+        row.update(vs="dictionary_learning MatryoshkaBatchTopKTrainer.update", vs_tok_s=tok_s["reference"],
+                   ratio=tok_s["eager"] / tok_s["reference"])
+    else:
+        row.update(note="dictionary_learning is not importable: no reference")
+    return [row]
+
+
+# -----------------------------------------------------------------------------
+
+def print_table(rows):
+    print(f"\n{'row':<40} {'ours tok/s':>11}  {'vs':<50} {'tok/s':>9} {'ratio':>7}  {'% of limit':>10}")
+    for r in rows:
+        if "ours_tok_s" not in r:
+            print(f"{r['row']:<40} {r.get('note', '')}")
+            continue
+        vs = f"{r['vs_tok_s']:>9,.0f} {r['ratio']:>6.2f}x" if "vs" in r else f"{'-':>9} {'-':>7}"
+        limit = f"{r['pct_of_limit']:>9.0f}%" if "pct_of_limit" in r else ""
+        print(f"{r['row']:<40} {r['ours_tok_s']:>11,.0f}  {r.get('vs', r.get('note', '')):<50} {vs}  {limit}")
+    for r in rows:
+        if "limit_tok_s" in r:
+            print(f"  {r['row']}: fp32 GEMM {r['gemm_gflops']:.0f} GFLOP/s, so 4·B·d·F FLOPs per step allow "
+                  f"{r['limit_tok_s']:,.0f} tok/s")
+
+
+def main(argv):
+    cfg = configurator.configure(globals(), argv, __doc__)
+    if cfg.quick:
+        vars(cfg).update(_QUICK)
+    torch.set_num_threads(cfg.threads)
+    load_before = os.getloadavg()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f}")
+    transformers = optional("transformers")
+    if transformers is not None:
+        transformers.logging.set_verbosity_error()  # the cut model's unused-weights warning is expected
+        transformers.logging.disable_progress_bar()
+    pythia, gemma = dict(_PYTHIA), dict(_GEMMA, num_hidden_layers=cfg.gemma_layers)
+    if cfg.quick:  # tiny models of the same architectures
+        pythia.update(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256)
+        gemma.update(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     intermediate_size=128, query_pre_attn_scalar=16)
+    rows = harvest_rows(cfg, transformers, "pythia-160m" if not cfg.quick else "pythia-tiny", pythia,
+                        cfg.layer, torch.float32, cfg.ctx_lens)
+    if cfg.gemma_layers:  # in bf16, as Gemma runs; only the longest context: it is slow on a CPU
+        rows += harvest_rows(cfg, transformers, f"gemma-2-2b-{cfg.gemma_layers}blocks" if not cfg.quick
+                             else "gemma2-tiny", gemma, cfg.gemma_layers - 2, torch.bfloat16, cfg.ctx_lens[-1:])
+    for F, k in cfg.sae_shapes if cfg.compile else []:
+        rows += sae_rows(cfg, F, k, "compiled")
+    # only now: importing dictionary_learning imports nnsight, which patches torch so that
+    # torch.compile fails afterwards (FakeTensor.__new__ ... 'pytype')
+    dictionary_learning = optional("dictionary_learning")
+    for F, k in cfg.sae_shapes:
+        rows += sae_rows(cfg, F, k, "reference" if dictionary_learning else None)
+    print_table(rows)
+    load_after = os.getloadavg()
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (2 cores; > 2 means shared)")
+    if cfg.json_path:
+        result = dict(settings=vars(cfg), torch=torch.__version__, threads=torch.get_num_threads(),
+                      load_average=[load_before[0], load_after[0]], rows=rows)
+        with open(cfg.json_path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(cfg.json_path + ".tmp", cfg.json_path)
+        print(f"wrote {cfg.json_path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

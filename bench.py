@@ -3,7 +3,7 @@ The two inner loops stripped down for timing, each against the reference impleme
 same run (warm-up first, then medians of interleaved repeats), printed as one table:
 
   harvest   tokens/s of resid_post at the hooked layer of a random-weight Pythia-160M-shaped model
-            (and a Gemma-2-2B-shaped one cut to a few blocks): ours (model.resid_post stops at the
+            (and a Gemma-2-2B-shaped one cut to a few blocks, fp32 here): ours (model.resid_post stops at the
             layer) vs transformers computing the same hidden state (a) the usual way, a full forward
             with output_hidden_states=True, and (b) truncated to layer+1 blocks, which is what
             dictionary_learning and SAELens effectively do by stopping early.
@@ -56,6 +56,8 @@ layer = 8                          # hooked layer of the Pythia-shaped model (12
 ctx_lens = [128, 1024]
 harvest_tokens = 2048              # tokens per LLM forward: harvest_tokens // ctx rows
 gemma_layers = 4                   # Gemma-2-2B shape with this many blocks, hooked at the last but one (0 = skip)
+gemma_dtype = "float32"            # Gemma runs in bfloat16 on a GPU, but bf16 GEMMs crawl on this CPU (~10 GFLOP/s)
+gemma_tokens = 1024                # one row of the longest ctx: the 256k-vocab head makes the full forward slow
 # sae step
 batch_size = 2048                  # B, the paper's
 sae_d_in = 768                     # d: Pythia-160M's width
@@ -78,7 +80,7 @@ _GEMMA = dict(  # google/gemma-2-2b's config.json, blocks cut to gemma_layers
     hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=256,
     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096, rms_norm_eps=1e-6,
     rope_theta=10000.0, max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-_QUICK = dict(ctx_lens=[32], harvest_tokens=128, layer=1, gemma_layers=2, batch_size=256,
+_QUICK = dict(ctx_lens=[32], harvest_tokens=128, gemma_tokens=64, layer=1, gemma_layers=2, batch_size=256,
               sae_d_in=64, sae_shapes=[[512, 8]], repeats=2, warmup=1, compile=False)
 
 
@@ -124,7 +126,7 @@ def checkpoint(cfg, name, hub_config, dtype):
     return folder
 
 
-def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens):
+def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tokens):
     rows = []
     if not ctx_lens:
         return rows
@@ -142,7 +144,7 @@ def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens):
         lambda module, args, out: captured.update(x=out[0] if isinstance(out, tuple) else out))
     for ctx in ctx_lens:
         generator = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randint(3, hub_config["vocab_size"], (max(1, cfg.harvest_tokens // ctx), ctx),
+        idx = torch.randint(3, hub_config["vocab_size"], (max(1, tokens // ctx), ctx),
                             generator=generator).to(cfg.device)
         idx[:, 0] = hub_config["bos_token_id"]
         runs = {"ours": lambda: ours.resid_post(idx, hook),
@@ -268,10 +270,11 @@ def main(argv):
         gemma.update(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                      intermediate_size=128, query_pre_attn_scalar=16)
     rows = harvest_rows(cfg, transformers, "pythia-160m" if not cfg.quick else "pythia-tiny", pythia,
-                        cfg.layer, torch.float32, cfg.ctx_lens)
-    if cfg.gemma_layers:  # in bf16, as Gemma runs; only the longest context: it is slow on a CPU
+                        cfg.layer, torch.float32, cfg.ctx_lens, cfg.harvest_tokens)
+    if cfg.gemma_layers:
         rows += harvest_rows(cfg, transformers, f"gemma-2-2b-{cfg.gemma_layers}blocks" if not cfg.quick
-                             else "gemma2-tiny", gemma, cfg.gemma_layers - 2, torch.bfloat16, cfg.ctx_lens[-1:])
+                             else "gemma2-tiny", gemma, cfg.gemma_layers - 2, getattr(torch, cfg.gemma_dtype),
+                             cfg.ctx_lens[-1:], cfg.gemma_tokens)
     for F, k in cfg.sae_shapes if cfg.compile else []:
         rows += sae_rows(cfg, F, k, "compiled")
     # only now: importing dictionary_learning imports nnsight, which patches torch so that

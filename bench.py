@@ -3,10 +3,10 @@ The two inner loops stripped down for timing, each against the reference impleme
 same run (warm-up first, then medians of interleaved repeats), printed as one table:
 
   harvest   tokens/s of resid_post at the hooked layer of a random-weight Pythia-160M-shaped model
-            (and a Gemma-2-2B-shaped one cut to a few blocks, fp32 here): ours (model.resid_post stops at the
-            layer) vs transformers computing the same hidden state (a) the usual way, a full forward
-            with output_hidden_states=True, and (b) truncated to layer+1 blocks, which is what
-            dictionary_learning and SAELens effectively do by stopping early.
+            (and a Gemma-2-2B-shaped one cut to a few blocks, in fp32 here): ours (model.resid_post
+            stops at the layer) vs transformers computing the same hidden state (a) the usual way, a
+            full forward with output_hidden_states=True, and (b) stopped right after the layer's
+            block, which is what dictionary_learning (nnsight's stop) and SAELens (stop_at_layer) do.
   sae step  tokens/s of one training step exactly as train.py runs it (train.sae_step, then the
             dead counters and the threshold EMA), eager and torch.compile'd, vs dictionary_learning's
             MatryoshkaBatchTopKTrainer.update on the same batch with the same dead latents (so both
@@ -126,6 +126,10 @@ def checkpoint(cfg, name, hub_config, dtype):
     return folder
 
 
+class _Stop(Exception):
+    pass
+
+
 def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tokens):
     rows = []
     if not ctx_lens:
@@ -135,13 +139,20 @@ def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tok
     folder = checkpoint(cfg, name, hub_config, dtype)
     ours = model_lib.load(folder, cfg.device, dtype)
     full = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(cfg.device).eval()
-    # (b): only the first hook+1 blocks are loaded; the base model (no LM head) runs them, and a
-    # forward hook on the last one reads its output (the final norm after it is negligible)
-    cut = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, num_hidden_layers=hook + 1).to(cfg.device).eval().base_model
-    captured = {}
-    cut.layers[hook].register_forward_hook(
-        lambda module, args, out: captured.update(x=out[0] if isinstance(out, tuple) else out))
+
+    def cut(idx):
+        """transformers stopped by an exception right after block `hook`, as nnsight's stop() in
+        dictionary_learning does (SAELens: stop_at_layer); no later block and no LM head run."""
+        def stop(module, args, out):
+            raise _Stop(out[0] if isinstance(out, tuple) else out)
+        handle = full.base_model.layers[hook].register_forward_hook(stop)
+        try:
+            full.base_model(idx)
+        except _Stop as e:
+            return e.args[0]
+        finally:
+            handle.remove()
+
     for ctx in ctx_lens:
         generator = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randint(3, hub_config["vocab_size"], (max(1, tokens // ctx), ctx),
@@ -149,7 +160,7 @@ def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tok
         idx[:, 0] = hub_config["bos_token_id"]
         runs = {"ours": lambda: ours.resid_post(idx, hook),
                 "full": lambda: full(idx, output_hidden_states=True).hidden_states[hook + 1],
-                "cut": lambda: (cut(idx), captured["x"])[1]}
+                "cut": lambda: cut(idx)}
         with torch.no_grad():
             reference = runs["full"]().float()
             for other in ("ours", "cut"):  # the same hidden state, or the comparison means nothing
@@ -162,7 +173,7 @@ def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tok
         print(f"{case}: " + ", ".join(f"{key} {v:,.0f} tok/s" for key, v in tok_s.items()), flush=True)
         rows.append(dict(row=case, ours_tok_s=tok_s["ours"], vs="transformers full forward + output_hidden_states",
                          vs_tok_s=tok_s["full"], ratio=tok_s["ours"] / tok_s["full"]))
-        rows.append(dict(row=case, ours_tok_s=tok_s["ours"], vs=f"transformers cut after block {hook} (stops early)",
+        rows.append(dict(row=case, ours_tok_s=tok_s["ours"], vs=f"transformers stopped after block {hook}",
                          vs_tok_s=tok_s["cut"], ratio=tok_s["ours"] / tok_s["cut"]))
     return rows
 
@@ -262,7 +273,7 @@ def main(argv):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f}")
     transformers = optional("transformers")
     if transformers is not None:
-        transformers.logging.set_verbosity_error()  # the cut model's unused-weights warning is expected
+        transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     pythia, gemma = dict(_PYTHIA), dict(_GEMMA, num_hidden_layers=cfg.gemma_layers)
     if cfg.quick:  # tiny models of the same architectures

@@ -19,7 +19,7 @@ def test_quick_bench_writes_every_row(tmp_path):
     rows = {row["row"]: row for row in table["rows"]}
     harvest = [row for row in table["rows"] if row["row"].startswith("harvest")]
     assert {row["vs"].split(" (")[0] for row in harvest if "pythia" in row["row"]} == {
-        "transformers full forward + output_hidden_states", "transformers cut after block 1"}  # hooked at L1
+        "transformers full forward + output_hidden_states", "transformers stopped after block 1"}  # hooked at L1
     assert any("gemma2-tiny" in row["row"] for row in harvest)
     for row in harvest:
         assert row["ours_tok_s"] > 0 and row["ratio"] == row["ours_tok_s"] / row["vs_tok_s"]

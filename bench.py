@@ -7,8 +7,8 @@ same run (warm-up first, then medians of interleaved repeats), printed as one ta
             stops at the layer) vs transformers computing the same hidden state (a) the usual way, a
             full forward with output_hidden_states=True, and (b) stopped right after the layer's
             block, which is what dictionary_learning (nnsight's stop) and SAELens (stop_at_layer) do.
-  sae step  tokens/s of one training step exactly as train.py runs it (train.sae_step, then the
-            dead counters and the threshold EMA), eager and torch.compile'd, vs dictionary_learning's
+  sae step  tokens/s of one training step exactly as train.py runs it (train.sae_step: the step,
+            the dead counters and the threshold EMA), eager and torch.compile'd, vs dictionary_learning's
             MatryoshkaBatchTopKTrainer.update on the same batch with the same dead latents (so both
             run aux-k), i.e. the same math.
   roofline  the step's necessary matrix work, 4·B·d·F FLOPs (encoder forward + encoder weight
@@ -182,20 +182,16 @@ def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tok
 # SAE step: train.py's step vs dictionary_learning's MatryoshkaBatchTopKTrainer.update
 
 def our_step(cfg, train_cfg, d, F, k, x, dead_mask, compiled):
-    """train.py's inner loop body for one SAE: sae_step, dead counters, threshold EMA."""
+    """train.py's inner loop body for one SAE (train.sae_step: the step, dead counters, threshold
+    EMA), late in training (aux-k and the threshold EMA on)."""
     sae = sae_lib.SAE(d, F, arch="matryoshka_batchtopk", k=k, seed=cfg.seed).to(cfg.device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999),
-                                 fused=cfg.device.startswith("cuda") or None)  # as train.py
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999), fused=True)  # as train.py
     loss_fn = torch.compile(sae.training_loss) if compiled else sae.training_loss
     dead = torch.zeros(F, dtype=torch.long, device=cfg.device)
 
     def step():
-        stats, f = train.sae_step(sae, loss_fn, optimizer, x, dead_mask, 3e-4, 1.0, train_cfg, 1,
-                                  contextlib.nullcontext())
-        fired = (f != 0).any(0)
-        dead.add_(len(x))
-        dead[fired] = 0
-        sae_lib.update_threshold(sae, sae_lib.batch_min_positive(f.float()))
+        dead.copy_(dead_mask.long() * 10**12)  # the same dead latents every step
+        train.sae_step(sae, loss_fn, optimizer, dead, x, 10**6, 3e-4, train_cfg, 1, contextlib.nullcontext())
     return step
 
 

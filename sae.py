@@ -25,7 +25,7 @@ import safetensors.torch
 ARCHS = ("matryoshka_batchtopk", "batchtopk", "topk", "relu")
 _AUX_ALPHA = 1 / 32  # §1.10: weight of the aux-k loss
 _THRESHOLD_BETA = 0.999  # §1.11: EMA decay of the inference threshold
-_TOPK_CHUNKS = 8  # batch_topk splits the batch into at most this many chunks
+_TOPK_SAMPLE_STRIDE = 61  # batch_topk estimates its cut from every 61st entry (prime: it cycles through the columns)
 
 
 def matryoshka_group_sizes(d_sae, fractions):
@@ -57,7 +57,9 @@ class SAE(nn.Module):
             W_dec = nn.init.kaiming_uniform_(torch.empty(d_sae, d_in), generator=generator)
             W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone())  # tied init, untied training
+        # tied init, untied training. The clone keeps W_dec's memory layout, (F, d) row-major, the
+        # layout in which the sparse path builds W_enc's gradient
+        self.W_enc = nn.Parameter(W_dec.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # set to the geometric median at step 0 (§1.4)
         self.register_buffer("threshold", torch.tensor(-1.0))  # θ, -1 = unset (§1.11)
@@ -70,12 +72,15 @@ class SAE(nn.Module):
         return torch.relu(x @ self.W_enc + self.b_enc)
 
     def select(self, a):
-        """Training-time sparsity of a (N, F): the flat indices and values of the kept entries.
-        BatchTopK keeps the k*N largest entries of the whole batch (§1.6), TopK k per token (§2)."""
+        """Training-time sparsity of a (N, F): the flat indices (ascending, i.e. row-major, as the
+        sparse products want) and values of the kept entries. BatchTopK keeps the k*N largest
+        entries of the whole batch (§1.6), TopK k per token (§2)."""
         n, d_sae = a.shape
         k = self.cfg["k"]
         if self.cfg["arch"] == "topk":
             vals, cols = a.topk(k, dim=-1, sorted=False)
+            cols, order = cols.sort(dim=-1)
+            vals = vals.gather(-1, order)
             rows = torch.arange(n, device=a.device).unsqueeze(1)
             return (rows * d_sae + cols).flatten(), vals.flatten()
         return batch_topk(a, k * n)
@@ -152,7 +157,7 @@ class SAE(nn.Module):
         if sparse:
             with torch.no_grad():  # the one dense product; no autograd graph is kept for it
                 a = self._training_pre_acts(x)
-            idx = self.select(a)[0].sort().values  # row-major order, as the sparse products want
+            idx = self.select(a)[0]
             rows, cols = idx // d_sae, idx % d_sae
             vals = _SelectedActs.apply(self.W_enc, self.b_enc, self.b_dec, x, a, rows, cols)
             parts = self._decode_groups_sparse(rows, cols, vals, n)
@@ -219,23 +224,30 @@ def _normalised_error(residual, reconstruction):
 
 
 def batch_topk(a, n_keep):
-    """The n_keep largest entries of a (N, F) as (flat indices, values). torch.topk over all N*F
-    entries at once runs on one CPU core and is slower than the encoder's matmul; so split the rows
-    into chunks, keep each chunk's n_keep largest, then the n_keep largest of those. Exact: no chunk
-    holds more than n_keep of the overall winners and those are its own largest (among equal values
-    any choice is an equally valid top). A chunk keeps at most a quarter of its entries."""
-    n, d_sae = a.shape
+    """The n_keep largest entries of a (N, F) as (flat indices in ascending order, values) (§1.6).
+    On a GPU, and under torch.compile, one torch.topk over all N*F entries. On a CPU that top-k runs
+    on one core and costs as much as the encoder's matmul, so select by threshold instead: a strided
+    sample's top values give a cut t a little below the n_keep-th largest; the entries >= t (a few
+    more than n_keep) are the candidates, and their n_keep-th largest value is the exact cut. Exact
+    like topk: among entries tied at the cut the first ones are kept (any tied choice is a valid top)."""
     flat = a.reshape(-1)
-    chunks = max(c for c in range(1, _TOPK_CHUNKS + 1)
-                 if c == 1 or (n % c == 0 and 4 * n_keep * c <= flat.numel()))
-    if chunks == 1:
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
         vals, idx = flat.topk(n_keep, sorted=False)
-        return idx, vals
-    size = flat.numel() // chunks
-    vals, idx = flat.view(chunks, size).topk(n_keep, dim=1, sorted=False)
-    idx = idx + torch.arange(0, flat.numel(), size, device=a.device)[:, None]  # chunk -> flat index
-    vals, pick = vals.flatten().topk(n_keep, sorted=False)
-    return idx.flatten()[pick], vals
+        idx, order = idx.sort()
+        return idx, vals[order]
+    sample = flat[::_TOPK_SAMPLE_STRIDE]
+    # 5% + 64 spare in the sample's count: the candidates fall short of n_keep only by a many-sigma fluke
+    n_sample = min(len(sample), int(1.05 * n_keep / _TOPK_SAMPLE_STRIDE) + 64)
+    cut = sample.topk(n_sample, sorted=False).values.min()
+    idx = (flat >= cut).nonzero().squeeze(1)
+    if len(idx) < n_keep:  # the sample misjudged the cut: every entry is a candidate
+        idx = torch.arange(len(flat), device=a.device)
+    vals = flat[idx]
+    cut = vals.kthvalue(len(vals) - n_keep + 1).values  # the n_keep-th largest
+    keep = vals > cut
+    ties = (vals == cut).nonzero().squeeze(1)
+    keep[ties[:n_keep - int(keep.sum())]] = True
+    return idx[keep], vals[keep]
 
 
 # -----------------------------------------------------------------------------

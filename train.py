@@ -279,9 +279,14 @@ def lr_at(step, total_steps, cfg):
     return cfg.lr
 
 
-def sae_step(sae, loss_fn, optimizer, x, dead_mask, lr, l1_scale, cfg, world, autocast):
+def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
+    """One training step of one SAE on x, and its bookkeeping: the dead counters `dead` (tokens
+    since each latent last fired, §1.9) and the inference threshold (§1.11). Returns the stats."""
+    # aux-k needs dead latents, and none can be dead before dead_tokens have been seen
+    dead_mask = dead >= cfg.dead_tokens if (step + 1) * cfg.batch_size > cfg.dead_tokens else None
+    l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)  # the ReLU arch's L1 warm-up (§2)
     with autocast:
-        loss, stats, f = loss_fn(x, dead_mask, l1_scale)
+        loss, stats, _ = loss_fn(x, dead_mask, l1_scale)
     loss.backward()
     if world > 1:  # each rank's local batch is part of the global one: average the gradients
         for p in sae.parameters():
@@ -294,7 +299,20 @@ def sae_step(sae, loss_fn, optimizer, x, dead_mask, lr, l1_scale, cfg, world, au
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sae_lib.normalize_decoder(sae)
-    return stats, f.detach()
+
+    fired = stats["fired"]
+    if world > 1:  # a latent is alive if it fired on any rank (training.md §3)
+        fired = fired.int()
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        fired = fired.bool()
+    dead += cfg.batch_size
+    dead[fired] = 0
+    if step >= cfg.threshold_start and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
+        min_act = stats["min_act"]
+        if world > 1:
+            dist.all_reduce(min_act, op=dist.ReduceOp.MIN)
+        sae_lib.update_threshold(sae, min_act)
+    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -427,8 +445,8 @@ def train(cfg, device, rank, world, log):
         saes.append(sae_lib.SAE(d, cfg.dict_size, arch=cfg.arch, k=int(v) if cfg.arch != "relu" else 0,
                                 group_fractions=tuple(cfg.group_fractions), seed=cfg.seed,
                                 **extra, **meta_cfg).to(device))
-    optimizers = [torch.optim.Adam(s.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
-                                   fused=device.startswith("cuda") or None) for s in saes]
+    # fused: one kernel for the whole update instead of a pass per operation (CUDA and CPU alike)
+    optimizers = [torch.optim.Adam(s.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True) for s in saes]
     dead = [torch.zeros(cfg.dict_size, dtype=torch.long, device=device) for _ in saes]
     if resume_from:
         for i, (s, opt) in enumerate(zip(saes, optimizers)):
@@ -436,10 +454,12 @@ def train(cfg, device, rank, world, log):
                                if k.startswith(f"sae{i}.") and k[len(f"sae{i}."):] in s.state_dict()})
             dead[i] = state[f"sae{i}.dead"].to(device)
             opt_state = opt.state_dict()
-            for j in range(len(opt_state["param_groups"][0]["params"])):
+            for j, param in enumerate(s.parameters()):
                 prefix = f"sae{i}.adam{j}."
-                entry = {k[len(prefix):]: v.to(device) if v.dim() else v for k, v in state.items()
-                         if k.startswith(prefix)}
+                # moments in their parameter's memory layout (W_enc is stored transposed): fused
+                # Adam pairs parameter and state elements in memory order
+                entry = {k[len(prefix):]: torch.empty_like(param).copy_(v) if v.dim() else v
+                         for k, v in state.items() if k.startswith(prefix)}
                 if entry:
                     opt_state["state"][j] = entry
             opt.load_state_dict(opt_state)
@@ -479,24 +499,9 @@ def train(cfg, device, rank, world, log):
             torch.cuda.synchronize()
         harvest_time_log += (time.time() - t_batch) if harvested else 0.0
         lr_now = lr_at(step, total_steps, cfg)
-        l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)
         last_stats = []
-        for i, (s, fn, opt) in enumerate(zip(saes, loss_fns, optimizers)):
-            # aux-k needs dead latents, and none can be dead before dead_tokens have been seen
-            dead_mask = dead[i] >= cfg.dead_tokens if (step + 1) * cfg.batch_size > cfg.dead_tokens else None
-            stats, f = sae_step(s, fn, opt, x, dead_mask, lr_now, l1_scale, cfg, world, autocast)
-            fired = (f != 0).any(0)
-            if world > 1:  # a latent is alive if it fired on any rank (training.md §3)
-                fired = fired.int()
-                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-                fired = fired.bool()
-            dead[i] += cfg.batch_size
-            dead[i][fired] = 0
-            if step >= cfg.threshold_start and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
-                m_min = sae_lib.batch_min_positive(f.float())
-                if world > 1:
-                    dist.all_reduce(m_min, op=dist.ReduceOp.MIN)
-                sae_lib.update_threshold(s, m_min)
+        for s, fn, opt, dd in zip(saes, loss_fns, optimizers, dead):
+            stats = sae_step(s, fn, opt, dd, x, step, lr_now, cfg, world, autocast)
             last_stats.append(stats)
 
         if (step + 1) % cfg.log_interval == 0 or step + 1 == total_steps:

@@ -265,18 +265,41 @@ def test_sparse_path_ignores_unkept_zero_activations():
         assert torch.allclose(dense_grad, sparse_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, k", [((64, 256), 4), ((7, 256), 4), ((64, 256), 40)])
-def test_batch_topk_in_chunks_equals_one_topk(shape, k):
-    """batch_topk splits a big batch into row chunks (the first shape: 8 chunks; 7 rows, or a large
-    k*B, give one). Integer values make ties at the cut: any tied choice is a valid top. The first
-    rows hold all the largest values, so a chunk that kept less than k*B entries would lose some."""
-    a = torch.randint(0, 1000, shape, generator=torch.Generator().manual_seed(0)).float()
-    a[:2] += 1000
-    n_keep = k * shape[0]
-    idx, vals = sae_lib.batch_topk(a, n_keep)
-    assert len(idx.unique()) == n_keep
+def check_batch_topk(a, n_keep, select=sae_lib.batch_topk):
+    idx, vals = select(a, n_keep)
+    assert len(idx) == n_keep and torch.all(idx[1:] > idx[:-1])  # distinct, ascending
     assert torch.equal(a.flatten()[idx], vals)
     assert torch.equal(vals.sort().values, a.flatten().topk(n_keep).values.sort().values)
+
+
+@pytest.mark.parametrize("shape, k", [((64, 256), 4), ((7, 256), 4), ((64, 256), 40), ((2, 3), 3)])
+def test_batch_topk_equals_one_topk(shape, k):
+    """The CPU path cuts at a threshold estimated from a sample. Integer values make ties at the
+    cut (any tied choice is a valid top); the first rows hold all the largest values."""
+    a = torch.randint(0, 1000, shape, generator=torch.Generator().manual_seed(0)).float()
+    a[:2] += 1000
+    check_batch_topk(a, k * shape[0])
+
+
+def test_batch_topk_when_the_sample_misjudges_the_cut():
+    """Every 61st entry (the sample) is large, all others small: the sample's cut lets too few
+    entries through, and batch_topk must fall back to considering all of them."""
+    a = torch.rand(64, 256, generator=torch.Generator().manual_seed(0))
+    a.view(-1)[::61] += 10
+    check_batch_topk(a, 8 * 64)  # more than the 269 sampled entries
+
+
+def test_batch_topk_post_relu_zeros():
+    """Fewer positive entries than n_keep: the rest of the kept set are zeros, as with topk."""
+    a = torch.zeros(32, 64)
+    a[3, 5], a[10, 60] = 2.0, 1.0
+    check_batch_topk(a, 32)
+
+
+def test_batch_topk_compiled_is_one_topk():
+    """Under torch.compile (and on a GPU) batch_topk is one torch.topk; it keeps the same contract."""
+    a = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    check_batch_topk(a, 4 * 64, torch.compile(sae_lib.batch_topk, fullgraph=True, backend="aot_eager"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
         b = load_file(tmp_path / "killed" / f"k{k}" / "sae.safetensors")
         assert a.keys() == b.keys()
         for name in a:
-            assert torch.equal(a[name], b[name]), name
+            assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max())
 
 
 def test_resume_refuses_a_changed_config_and_names_the_keys(tiny, tmp_path):

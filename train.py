@@ -306,7 +306,7 @@ def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
         dist.all_reduce(fired, op=dist.ReduceOp.MAX)
         fired = fired.bool()
     dead += cfg.batch_size
-    dead[fired] = 0
+    dead.masked_fill_(fired, 0)  # not dead[fired] = 0: boolean indexing syncs with the GPU
     if step >= cfg.threshold_start and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
         min_act = stats["min_act"]
         if world > 1:

@@ -1,0 +1,36 @@
+# evaluate.py on SAEBench's datasets (v0.6.0 defaults; ../shared/reference/metrics.md §3-§8) instead of
+# the offline stdlib ones. Add it after a model's config:
+#   python evaluate.py configs/pythia160m.py configs/saebench.py out/pythia160m_p0 out/pythia160m_p0.3
+# The hub datasets are fetched once into eval_data_dir (needs network and `pip install pyarrow`).
+# The SAE-Probes OOD files are not on the hub: copy each pair's ID and OOD CSV from
+# JoshEngels/SAE-Probes (or the sae-probes wheel, .csv.zst) to data/eval/sae_probes/{id,ood}/<name>.csv.
+
+download = True
+core_dataset = "openwebtext"              # SAEBench's core eval text
+
+_BIOS = "bias_in_bios"
+probing_tasks = [  # (task name, dataset folder, classes): SAEBench's 8 sparse-probing datasets
+    ("bias_in_bios_set1", _BIOS, ["accountant", "architect", "attorney", "dentist", "filmmaker"]),
+    ("bias_in_bios_set2", _BIOS, ["journalist", "nurse", "painter", "photographer", "physician"]),
+    ("bias_in_bios_set3", _BIOS, ["poet", "professor", "psychologist", "surgeon", "teacher"]),
+    ("amazon_reviews", "amazon_reviews", ["Toys_and_Games", "Cell_Phones_and_Accessories",
+                                          "Industrial_and_Scientific", "Musical_Instruments", "Electronics"]),
+    ("amazon_sentiment", "amazon_sentiment", ["1.0", "5.0"]),
+    ("github_code", "github_code", ["C", "Python", "HTML", "Java", "PHP"]),
+    ("ag_news", "ag_news", ["0", "1", "2", "3"]),
+    ("europarl", "europarl", ["en", "fr", "de", "es", "nl"]),
+]
+scr_runs = [  # (dataset folder, class 1, class 2, attribute 1, attribute 2)
+    (_BIOS, "professor", "nurse", "male", "female"),
+    (_BIOS, "architect", "journalist", "male", "female"),
+    (_BIOS, "surgeon", "psychologist", "male", "female"),
+    (_BIOS, "attorney", "teacher", "male", "female"),
+    ("amazon_reviews", "Books", "CDs_and_Vinyl", "1.0", "5.0"),
+    ("amazon_reviews", "Software", "Electronics", "1.0", "5.0"),
+    ("amazon_reviews", "Pet_Supplies", "Office_Products", "1.0", "5.0"),
+    ("amazon_reviews", "Industrial_and_Scientific", "Toys_and_Games", "1.0", "5.0"),
+]
+tpp_tasks = probing_tasks[0:1] + probing_tasks[3:4]  # bios set 1 and amazon
+ood_tasks = [(name, f"sae_probes/id/{name}.csv", f"sae_probes/ood/{name}.csv") for name in (
+    "5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician", "66_living-room",
+    "67_social-security", "73_control-group", "87_glue_cola", "90_glue_qnli")]

@@ -77,13 +77,15 @@ seed = 0
 device = "auto"                    # auto | cpu | cuda | cuda:N
 compile = "auto"                   # torch.compile the SAE loss: auto (= on CUDA) | on | off
 sae_autocast = True                # bf16 autocast for the SAE step on CUDA (CPU stays fp32)
+tf32 = True                        # CUDA: fp32 matmuls (a float32 LLM's forward) on TF32 tensor cores,
+                                   # ~1e-3 relative error, ~7x the fp32 rate on an H100; False = exact fp32
 log_interval = 50
 ckpt_interval = 500
 resume = False                     # continue from out_dir/checkpoint
 wandb_project = ""                 # log to Weights & Biases when set (optional package)
 
 # settings that may change between a checkpoint and its resumption
-_RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "wandb_project"}
+_RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "tf32", "wandb_project"}
 
 
 # -----------------------------------------------------------------------------
@@ -375,6 +377,7 @@ def train(cfg, device, rank, world, log):
     log("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in vars(cfg).items()))
 
     # --- model, tokenizer, mask token: everything checked before anything is written
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # for the whole run: harvest and SAE step alike
     m = model_lib.load(cfg.model_dir, device, getattr(torch, cfg.llm_dtype))
     if not 0 <= cfg.layer < m.cfg.n_layer:
         raise ValueError(f"layer {cfg.layer} is out of range: {cfg.model_dir} has {m.cfg.n_layer} "
@@ -475,9 +478,6 @@ def train(cfg, device, rank, world, log):
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda"))
     loss_fns = [torch.compile(s.training_loss) if use_compile else s.training_loss for s in saes]
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda") and cfg.sae_autocast)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     wandb = None
     if cfg.wandb_project and rank == 0:
         import wandb  # optional, only when asked for

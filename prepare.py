@@ -31,6 +31,7 @@ import io
 import itertools
 import json
 import os
+import pickle
 import shutil
 import sys
 import sysconfig
@@ -209,7 +210,12 @@ def copy_local_model(folder, model_dir):
 
 def convert_bin_to_safetensors(bin_path):
     """The one pickle the project reads: weights_only=True lets torch.load build tensors only."""
-    state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {bin_path}: it holds more than tensors, and running "
+                         f"arbitrary pickled code is not something a weights file should need "
+                         f"({str(e).splitlines()[0]})") from None
     tensors, storages = {}, set()
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):

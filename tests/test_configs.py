@@ -1,6 +1,6 @@
 """Every shipped config file is valid for every stage that reads it: no unknown keys, no wrong
 types (a typo in a real-run config would otherwise surface only on a GPU machine)."""
-import glob
+from pathlib import Path
 
 import pytest
 
@@ -9,14 +9,14 @@ import evaluate
 import prepare
 import train
 
-CONFIGS = sorted(glob.glob("configs/*.py"))
+CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.py"))
 
 
 def test_the_real_run_configs_are_shipped():
-    assert {"configs/tiny.py", "configs/pythia160m.py", "configs/gemma2_2b.py", "configs/saebench.py"} <= set(CONFIGS)
+    assert {"tiny.py", "pythia160m.py", "gemma2_2b.py", "saebench.py"} <= {Path(p).name for p in CONFIGS}
 
 
-@pytest.mark.parametrize("path", CONFIGS)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).name)
 @pytest.mark.parametrize("stage", [prepare, train, evaluate], ids=["prepare", "train", "evaluate"])
 def test_config_file_is_valid_for_every_stage(path, stage):
     cfg = configurator.configure(vars(stage), [path])
@@ -24,7 +24,8 @@ def test_config_file_is_valid_for_every_stage(path, stage):
 
 
 def test_saebench_config_names_the_papers_tasks():
-    cfg = configurator.configure(vars(evaluate), ["configs/pythia160m.py", "configs/saebench.py"])
+    folder = Path(__file__).resolve().parent.parent / "configs"
+    cfg = configurator.configure(vars(evaluate), [str(folder / "pythia160m.py"), str(folder / "saebench.py")])
     assert cfg.download and cfg.core_dataset == "openwebtext" and cfg.layer == 8
     assert len(cfg.probing_tasks) == 8 and len(cfg.scr_runs) == 8 and len(cfg.tpp_tasks) == 2
     assert len(cfg.ood_tasks) == 8

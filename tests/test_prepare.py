@@ -1,10 +1,12 @@
 """prepare.py by example: tokenizing local and hub corpora into token files, the helpers other
 stages import, and the model folder (tiny default, hub download, .bin conversion, gated repos).
 The hub is never contacted: huggingface_hub's functions are replaced by fakes."""
+import ast
 import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
@@ -15,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import prepare  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 DOCS = [f"Document {i}: " + text for i, text in enumerate([
     "def add(a, b):\n    return a + b\n",
@@ -351,6 +355,36 @@ def test_bin_to_safetensors_round_trip(tmp_path):
     assert set(converted) == set(state)
     for name, tensor in state.items():
         assert converted[name].dtype == tensor.dtype and torch.equal(converted[name], tensor), name
+
+
+class _RunsCode:
+    """A pickle that would run a command when loaded without weights_only."""
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_bin_file_holding_code_is_refused_and_left_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bin_path = tmp_path / "pytorch_model.bin"
+    torch.save({"embed_in.weight": torch.zeros(2), "payload": _RunsCode()}, bin_path)
+    with pytest.raises(ValueError, match="refusing to load .*holds more than tensors"):
+        prepare.convert_bin_to_safetensors(str(bin_path))
+    assert not (tmp_path / "pwned").exists() and bin_path.exists()
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_no_script_unpickles_except_the_bin_conversion():
+    """torch.load appears once, with weights_only=True; pickle is never called directly."""
+    calls = []
+    for path in sorted(REPO.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = getattr(node.func.value, "id", "")
+                if (owner, node.func.attr) in {("torch", "load"), ("pickle", "load"), ("pickle", "loads")}:
+                    safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                               for k in node.keywords)
+                    calls.append((path.name, f"{owner}.{node.func.attr}", safe))
+    assert calls == [("prepare.py", "torch.load", True)]
 
 
 def fake_hub_model(files, tokenizer, calls):

@@ -105,14 +105,15 @@ def test_hooked_layer_beyond_the_model_and_unknown_settings(tiny, tmp_path):
 
 # --- failures in the middle of a run: the last good checkpoint survives -------------------------
 
-def test_nan_activations_stop_the_run_and_keep_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_or_inf_activations_stop_the_run_and_keep_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, poison):
     out = tmp_path / "run"
     real_save, real_resid = train.save_checkpoint, model_lib.Transformer.resid_post
 
     def save_then_poison(*args, **kwargs):
         real_save(*args, **kwargs)
         monkeypatch.setattr(model_lib.Transformer, "resid_post",
-                            lambda self, *a, **k: real_resid(self, *a, **k) * float("nan"))
+                            lambda self, *a, **k: real_resid(self, *a, **k) + poison)
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_poison)
     with pytest.raises(FloatingPointError, match=r"step \d+: non-finite activations.*last good checkpoint"):

@@ -207,7 +207,9 @@ class SAE(nn.Module):
         dead = dead_mask.nonzero().squeeze(1)
         if len(dead) == 0:
             return torch.zeros((), device=x.device)
-        W_dead = self.W_enc[:, dead]
+        # the dead columns of W_enc, gathered as rows of its (F, d) storage: faster, and the gradient
+        # comes back in W_enc's layout instead of needing a transposing copy
+        W_dead = self.W_enc.T[dead].T
         acts = torch.addmm(self.b_enc[dead] - self.b_dec @ W_dead, x, W_dead).relu_()  # (B, n_dead)
         k_aux = min(self.cfg["d_in"] // 2, len(dead))
         if k_aux < len(dead):
@@ -257,7 +259,10 @@ def batch_topk(a, n_keep):
 def _sparse_times(rows, cols, weights, table, n_rows):
     """S @ table for the sparse (n_rows, len(table)) S with S[rows[e], cols[e]] = weights[e]; rows ascending."""
     offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
-    return nn.functional.embedding_bag(cols, table, offsets, mode="sum", per_sample_weights=weights)
+    # used inside autograd Functions only: detached inputs spare embedding_bag the bookkeeping for a
+    # backward of its own (a third of its time), which it keys on requires_grad, not on grad mode
+    return nn.functional.embedding_bag(cols, table.detach(), offsets, mode="sum",
+                                       per_sample_weights=weights.detach())
 
 
 def _sparse_transposed_times(rows, cols, weights, table, n_cols):

@@ -97,6 +97,25 @@ def test_masked_positions_can_be_dropped_as_an_ablation(tiny):
 
 # --- the loop ---------------------------------------------------------------------------------
 
+def test_sae_step_keeps_the_dead_counters_and_sets_the_threshold():
+    """The bookkeeping after a step, checked against the dense latents of the same forward pass:
+    a latent that fired is reset to 0 tokens, every other one ages by the batch; an unset
+    threshold takes the smallest kept activation (training.md §1.9, §1.11)."""
+    import configurator
+    cfg = configurator.configure(vars(train), ["--batch_size=64", "--threshold_start=0", "--dead_tokens=10000"])
+    s = sae_lib.SAE(16, 32, arch="batchtopk", k=2, seed=0)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f = s.training_loss(x)[2]
+    dead = torch.full((32,), 100)
+    optimizer = torch.optim.Adam(s.parameters(), lr=1e-3, fused=True)
+    train.sae_step(s, s.training_loss, optimizer, dead, x, 0, 1e-3, cfg, 1, torch.autocast("cpu", enabled=False))
+    fired = (f != 0).any(0)
+    assert 0 < fired.sum() < 32
+    assert torch.equal(dead, torch.where(fired, 0, 164))
+    assert s.threshold.item() == f[f > 0].min().item()
+
+
 def test_training_writes_one_loadable_sae_per_k(tiny, tmp_path, capsys):
     train.main(fast_settings(tiny, tmp_path / "run"))
     out = capsys.readouterr().out

@@ -125,7 +125,11 @@ def open_tokens(tokens_dir, split="train"):
 
 
 def _replace(tmp, path):
-    """Give a finished tmp file its real name, durably, so no reader ever sees half a file."""
+    """Give a finished tmp file its real name, durably, so no reader ever sees half a file, with
+    the permissions of any new file (safetensors' save_file creates its files owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

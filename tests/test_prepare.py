@@ -299,6 +299,10 @@ def test_tiny_default_end_to_end(tmp_path, monkeypatch, capsys):
     assert "RANDOM" in capsys.readouterr().out
 
     assert sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [*model_dir.iterdir(), *tokens.iterdir()]:  # readable like any new file, not owner-only
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     config = json.loads((model_dir / "config.json").read_text())
     assert config["architectures"] == ["GPTNeoXForCausalLM"] and config["model_type"] == "gpt_neox"
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],

@@ -12,14 +12,17 @@ Arguments are applied left to right:
                         every stage, so a name that belongs to another stage's script is skipped
                         here, and a name that no stage knows is an error.
     --key=value         value parsed with ast.literal_eval (bare words stay strings)
-    --help              prints the script's docstring and its settings, then exits
+    --help              prints the script's docstring and its settings (with the comment that
+                        explains each in the script), then exits
 
 Unknown keys and wrong types are errors, so a typo never silently trains the wrong thing.
 An int is accepted where the default is a float; a setting whose default is None takes any value.
 """
 import ast
+import io
 import os
 import sys
+import tokenize
 from types import SimpleNamespace
 
 _PLAIN_TYPES = (bool, int, float, str, list, tuple, type(None))
@@ -47,6 +50,30 @@ def _settings_of_stages():
             names |= {t.id for node in tree.body if isinstance(node, ast.Assign)
                       for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")}
     return names
+
+
+def _setting_comments(path):
+    """The comment that explains each setting in its script: the one ending its assignment line,
+    plus the indented comment-only lines right after it. Shown by --help."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        source = f.read()
+    comments = {token.start[0]: token.string.lstrip("# ").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    explained = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            line = node.end_lineno
+            parts = []
+            while line in comments and (line == node.end_lineno or lines[line - 1][:1].isspace()):
+                parts.append(comments[line])
+                line += 1
+            if parts:
+                explained[node.targets[0].id] = " ".join(parts)
+    return explained
 
 
 def _check(key, value, default_values, source):
@@ -81,8 +108,10 @@ def configure(namespace, argv, doc=""):
     for arg in argv:
         if arg in ("-h", "--help"):
             print((doc or "").strip() + "\n\nSettings (defaults):")
+            comments = _setting_comments(namespace.get("__file__"))
             for k, v in default_values.items():
-                print(f"  --{k}={v!r}")
+                option = f"  --{k}={v!r}"
+                print(f"{option:<40} # {comments[k]}" if k in comments else option)
             sys.exit(0)
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")

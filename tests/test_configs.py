@@ -29,3 +29,23 @@ def test_saebench_config_names_the_papers_tasks():
     assert cfg.download and cfg.core_dataset == "openwebtext" and cfg.layer == 8
     assert len(cfg.probing_tasks) == 8 and len(cfg.scr_runs) == 8 and len(cfg.tpp_tasks) == 2
     assert len(cfg.ood_tasks) == 8
+
+
+@pytest.mark.parametrize("stage", [prepare, train, evaluate], ids=["prepare", "train", "evaluate"])
+def test_help_prints_the_docstring_and_every_setting(stage, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        configurator.configure(vars(stage), ["--help"], stage.__doc__)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(stage.__doc__.strip()[:60])
+    for key in configurator.defaults(vars(stage)):
+        assert f"\n  --{key}=" in out, key
+
+
+def test_help_explains_a_setting_with_its_comment(capsys):
+    with pytest.raises(SystemExit):
+        configurator.configure(vars(train), ["--help"], train.__doc__)
+    lines = {line.split("=")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
+    assert lines["--mask_prob"].endswith("# probability of replacing an eligible input token")
+    assert "# CUDA: fp32 matmuls" in lines["--tf32"] and lines["--tf32"].endswith("False = exact fp32")
+    assert "#" not in lines["--lr"]  # no comment, none invented

@@ -460,7 +460,8 @@ def train(cfg, device, rank, world, log):
             for j, param in enumerate(s.parameters()):
                 prefix = f"sae{i}.adam{j}."
                 # moments in their parameter's memory layout (W_enc is stored transposed): fused
-                # Adam pairs parameter and state elements in memory order
+                # Adam needs the same strides (pytorch#106951); on CPU a mismatch silently pairs
+                # the wrong elements
                 entry = {k[len(prefix):]: torch.empty_like(param).copy_(v) if v.dim() else v
                          for k, v in state.items() if k.startswith(prefix)}
                 if entry:

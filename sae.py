@@ -109,13 +109,13 @@ class SAE(nn.Module):
         bounds = [0, *itertools.accumulate(self.cfg["group_sizes"])]
         return [f[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
-    def _decode_groups_sparse(self, rows, cols, vals, n):
+    def _decode_groups_sparse(self, rows, cols, vals, n, by_column):
         """_decode_groups from the kept entries only (sorted by row, then column), in one sparse
         product whose output rows are (token, group) pairs."""
         sizes = self.cfg["group_sizes"]
         group_ends = torch.tensor(sizes[:-1], device=cols.device).cumsum(0)
         groups = torch.bucketize(cols, group_ends, right=True)
-        parts = _SparseDecode.apply(vals, self.W_dec, rows * len(sizes) + groups, cols, n * len(sizes))
+        parts = _SparseDecode.apply(vals, self.W_dec, rows * len(sizes) + groups, cols, by_column, n * len(sizes))
         return parts.view(n, len(sizes), -1).unbind(1)
 
     def _training_pre_acts(self, x):
@@ -157,10 +157,11 @@ class SAE(nn.Module):
         if sparse:
             with torch.no_grad():  # the one dense product; no autograd graph is kept for it
                 a = self._training_pre_acts(x)
-            idx = self.select(a)[0]
+            idx, vals = self.select(a)
             rows, cols = idx // d_sae, idx % d_sae
-            vals = _SelectedActs.apply(self.W_enc, self.b_enc, self.b_dec, x, a, rows, cols)
-            parts = self._decode_groups_sparse(rows, cols, vals, n)
+            by_column = cols.argsort()  # the entries in column order, shared by both backward passes
+            vals = _SelectedActs.apply(self.W_enc, self.b_enc, self.b_dec, x, vals, rows, cols, by_column)
+            parts = self._decode_groups_sparse(rows, cols, vals, n, by_column)
             f = a.zero_().view(-1).index_put_((idx,), vals.detach()).view(n, d_sae)  # a's memory, reused
         else:
             a = self._training_pre_acts(x)
@@ -265,32 +266,31 @@ def _sparse_times(rows, cols, weights, table, n_rows):
                                        per_sample_weights=weights.detach())
 
 
-def _sparse_transposed_times(rows, cols, weights, table, n_cols):
-    """S^T @ table, with S as in _sparse_times (its entries re-sorted by column)."""
-    order = cols.argsort()
-    return _sparse_times(cols[order], rows[order], weights[order], table, n_cols)
+def _sparse_transposed_times(rows, cols, weights, table, n_cols, by_column):
+    """S^T @ table, with S as in _sparse_times and by_column = cols.argsort(), which re-sorts its
+    entries by column."""
+    return _sparse_times(cols[by_column], rows[by_column], weights[by_column], table, n_cols)
 
 
 class _SelectedActs(torch.autograd.Function):
-    """The kept entries a[rows, cols] of a = ReLU((x - b_dec) W_enc + b_enc), read from a computed
-    without autograd. Every other entry of a has zero gradient, so the backward sums over the kept
-    ones only instead of the dense (d, B) @ (B, F) product: with g the gradient through the ReLU,
-    dW_enc[:, c] = Σ_{e in column c} g_e (x - b_dec)[row_e], db_enc[c] = Σ_{e in column c} g_e,
-    db_dec = -W_enc db_enc."""
+    """The kept entries vals = a[rows, cols] of a = ReLU((x - b_dec) W_enc + b_enc), selected from a
+    computed without autograd, given their gradient. Every other entry of a has zero gradient, so
+    the backward sums over the kept ones only instead of the dense (d, B) @ (B, F) product: with g
+    the gradient through the ReLU, dW_enc[:, c] = Σ_{e in column c} g_e (x - b_dec)[row_e],
+    db_enc[c] = Σ_{e in column c} g_e, db_dec = -W_enc db_enc."""
 
     @staticmethod
-    def forward(ctx, W_enc, b_enc, b_dec, x, a, rows, cols):
-        vals = a[rows, cols]
-        ctx.save_for_backward(W_enc, b_dec, x, rows, cols, vals)
-        return vals
+    def forward(ctx, W_enc, b_enc, b_dec, x, vals, rows, cols, by_column):
+        ctx.save_for_backward(W_enc, b_dec, x, vals, rows, cols, by_column)
+        return vals.view_as(vals)
 
     @staticmethod
     def backward(ctx, grad):
-        W_enc, b_dec, x, rows, cols, vals = ctx.saved_tensors
+        W_enc, b_dec, x, vals, rows, cols, by_column = ctx.saved_tensors
         grad = grad * (vals > 0)  # the ReLU's gradient
-        grad_W_enc = _sparse_transposed_times(rows, cols, grad, x - b_dec, W_enc.shape[1]).T
+        grad_W_enc = _sparse_transposed_times(rows, cols, grad, x - b_dec, W_enc.shape[1], by_column).T
         grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        return grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None, None
+        return grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -298,13 +298,13 @@ class _SparseDecode(torch.autograd.Function):
     columns ascending within a row): the decoder over the kept entries, not a dense (B, F) @ (F, d)."""
 
     @staticmethod
-    def forward(ctx, vals, W_dec, rows, cols, n_rows):
-        ctx.save_for_backward(vals, W_dec, rows, cols)
+    def forward(ctx, vals, W_dec, rows, cols, by_column, n_rows):
+        ctx.save_for_backward(vals, W_dec, rows, cols, by_column)
         return _sparse_times(rows, cols, vals, W_dec, n_rows)
 
     @staticmethod
     def backward(ctx, grad_out):
-        vals, W_dec, rows, cols = ctx.saved_tensors
+        vals, W_dec, rows, cols, by_column = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         # d out / d vals[e] = grad_out[rows[e]] · W_dec[cols[e]]: (grad_out @ W_dec^T) at the kept entries only
         row_starts = torch.searchsorted(rows, torch.arange(len(grad_out) + 1, device=rows.device))
@@ -313,7 +313,8 @@ class _SparseDecode(torch.autograd.Function):
             pattern = torch.sparse_csr_tensor(row_starts, cols, torch.ones_like(vals),
                                               (len(grad_out), len(W_dec)), check_invariants=False)
         grad_vals = torch.sparse.sampled_addmm(pattern, grad_out, W_dec.T, beta=0).values()
-        return grad_vals, _sparse_transposed_times(rows, cols, vals, grad_out, len(W_dec)), None, None, None
+        return (grad_vals, _sparse_transposed_times(rows, cols, vals, grad_out, len(W_dec), by_column),
+                None, None, None, None)
 
 
 @torch.no_grad()

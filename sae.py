@@ -105,9 +105,9 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     def _decode_groups(self, f):
-        """§1.7: each Matryoshka group's share of the reconstruction, f[:, g_i] W_dec[g_i], as G (N, d)."""
+        """§1.7: each Matryoshka group's share of the reconstruction, f[:, g_i] W_dec[g_i], as (N, G, d)."""
         bounds = [0, *itertools.accumulate(self.cfg["group_sizes"])]
-        return [f[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        return torch.stack([f[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in zip(bounds, bounds[1:])], dim=1)
 
     def _decode_groups_sparse(self, rows, cols, vals, n, by_column):
         """_decode_groups from the kept entries only (sorted by row, then column), in one sparse
@@ -116,7 +116,7 @@ class SAE(nn.Module):
         group_ends = torch.tensor(sizes[:-1], device=cols.device).cumsum(0)
         groups = torch.bucketize(cols, group_ends, right=True)
         parts = _SparseDecode.apply(vals, self.W_dec, rows * len(sizes) + groups, cols, by_column, n * len(sizes))
-        return parts.view(n, len(sizes), -1).unbind(1)
+        return parts.view(n, len(sizes), -1)
 
     def _training_pre_acts(self, x):
         """pre_acts(x) as ReLU(x W_enc + (b_enc - b_dec W_enc)): the same values, but b_dec's gradient
@@ -155,7 +155,9 @@ class SAE(nn.Module):
         n, d_sae = len(x), self.cfg["d_sae"]
         sparse = x.device.type == "cpu" if sparse is None else sparse
         if sparse:
-            with torch.no_grad():  # the one dense product; no autograd graph is kept for it
+            # the one dense product; no autograd graph is kept for it, and it stays fp32 under
+            # autocast since the sparse products below are fp32-only
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 a = self._training_pre_acts(x)
             idx, vals = self.select(a)
             rows, cols = idx // d_sae, idx % d_sae
@@ -171,18 +173,14 @@ class SAE(nn.Module):
         # §1.7-1.8: x̂_i = b_dec + Σ_{j<=i} part_j and L_i = mean_b Σ_d (x - x̂_i)². L_rec = (1/G) Σ_i w_i L_i
         # with w_i = 1/G: the 1/G² scale is dictionary_learning's quirk, kept for parity (it matters
         # only relative to the aux term and grad clipping). G = 1 for BatchTopK/TopK: plain MSE.
-        residual, prefix_losses = x - self.b_dec, []
-        for part in parts:
-            residual = residual - part
-            prefix_losses.append(residual.pow(2).sum(-1).mean())
-        prefix_losses = torch.stack(prefix_losses)
-        rec = (prefix_losses / len(parts)).mean()
+        prefix_losses, residual = _PrefixLosses.apply(x - self.b_dec, parts)
+        rec = (prefix_losses / parts.shape[1]).mean()
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None:  # x - x̂_G, detached (§1.10)
-            aux = (self._aux_loss_sparse(residual.detach(), x, dead_mask) if sparse
-                   else self._aux_loss(residual.detach(), a, dead_mask))
+            aux = (self._aux_loss_sparse(residual, x, dead_mask) if sparse
+                   else self._aux_loss(residual, a, dead_mask))
         loss = rec + _AUX_ALPHA * aux
-        kept = vals.detach()
+        kept = vals.detach().float()  # bf16 under autocast
         stats = dict(loss=loss, rec=prefix_losses[-1], aux=aux, prefix_losses=prefix_losses,
                      l0=(kept > 0).sum().float() / n,
                      # what the loop needs from f, read off the k*B kept entries instead of all B*F:
@@ -315,6 +313,35 @@ class _SparseDecode(torch.autograd.Function):
         grad_vals = torch.sparse.sampled_addmm(pattern, grad_out, W_dec.T, beta=0).values()
         return (grad_vals, _sparse_transposed_times(rows, cols, vals, grad_out, len(W_dec), by_column),
                 None, None, None, None)
+
+
+class _PrefixLosses(torch.autograd.Function):
+    """§1.8's prefix losses L_i = mean_b ||r_i||² with r_i = r_0 - Σ_{j<=i} p_j, for r_0 = x - b_dec
+    and the groups' decoder outputs p (n, G, d); also r_G, not differentiable (aux-k takes it
+    detached). By hand because autograd keeps G chains of temporaries and copies the (n, G, d)
+    gradient once more. Since dL_i/dp_j = -(2/n) r_i for j <= i, the gradient of p_j is
+    -(2/n) Σ_{i>=j} g_i r_i: a running sum from the last group down, which ends as minus r_0's gradient."""
+
+    @staticmethod
+    def forward(ctx, r0, parts):
+        residuals = r0.new_empty((parts.shape[1], *r0.shape))  # (G, n, d): each r_i contiguous
+        r = r0
+        for i, part in enumerate(parts.unbind(1)):
+            r = torch.sub(r, part, out=residuals[i])
+        ctx.save_for_backward(residuals)
+        ctx.mark_non_differentiable(r)
+        return torch.stack([torch.dot(r_i.view(-1), r_i.view(-1)) for r_i in residuals]) / len(r0), r
+
+    @staticmethod
+    def backward(ctx, grad_losses, _):
+        residuals, = ctx.saved_tensors
+        G, n, d = residuals.shape
+        grad_parts = residuals.new_empty((n, G, d))
+        running = torch.zeros_like(residuals[0])  # the gradient of p_j
+        for j in reversed(range(G)):
+            running.addcmul_(residuals[j], grad_losses[j] * (-2 / n))
+            grad_parts[:, j].copy_(running)
+        return -running, grad_parts
 
 
 @torch.no_grad()

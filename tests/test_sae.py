@@ -608,3 +608,22 @@ def test_sparse_path_runs_under_torch_compile():
     assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
         assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_training_loss_under_bf16_autocast(sparse):
+    """train.py runs the step under bf16 autocast on CUDA; CPU autocast takes the same code path.
+    The loss and the gradients of the fp32 parameters stay fp32, finite, and close to fp32's."""
+    sae = SAE(64, 256, arch="matryoshka_batchtopk", k=8, group_fractions=(1/8, 1/4, 5/8), seed=0)
+    x = torch.randn(128, 64, generator=torch.Generator().manual_seed(0))
+    dead = torch.rand(256, generator=torch.Generator().manual_seed(1)) < 0.1
+    losses = []
+    for autocast in (False, True):
+        sae.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, stats, _ = sae.training_loss(x, dead, sparse=sparse)
+        loss.backward()
+        assert loss.dtype == torch.float32 and stats["fired"].any() and stats["min_act"] > 0
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in sae.parameters())
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)

@@ -1419,8 +1419,8 @@ _HEADLINE = [  # (label, metric, key, ↑ better / ↓)
     ("Absorption fraction", "absorption", "mean_absorption_fraction_score", "↓"),
     ("Sparse probing top-1", "sparse_probing", "sae_top_1_test_accuracy", "↑"),
     ("Sparse probing top-5", "sparse_probing", "sae_top_5_test_accuracy", "↑"),
-    ("SCR (N=headline)", "scr", "scr_metric", "↑"),
-    ("TPP (N=headline)", "tpp", "tpp_metric", "↑"),
+    ("SCR (N=headline_n)", "scr", "scr_metric", "↑"),
+    ("TPP (N=headline_n)", "tpp", "tpp_metric", "↑"),
     ("OOD SAE AUC (k=128)", "ood", "sae_auc_k128", "↑"),
     ("OOD gap to oracle (k=128)", "ood", "gap_k128", "↓"),
 ]

@@ -71,19 +71,20 @@ class SAE(nn.Module):
             x = x - self.b_dec
         return torch.relu(x @ self.W_enc + self.b_enc)
 
-    def select(self, a):
-        """Training-time sparsity of a (N, F): the flat indices (ascending, i.e. row-major, as the
-        sparse products want) and values of the kept entries. BatchTopK keeps the k*N largest
-        entries of the whole batch (§1.6), TopK k per token (§2)."""
+    def select(self, a, ascending=False):
+        """Training-time sparsity of a (N, F): the flat indices and values of the kept entries;
+        ascending=True orders them row-major, as the sparse products want. BatchTopK keeps the k*N
+        largest entries of the whole batch (§1.6), TopK k per token (§2)."""
         n, d_sae = a.shape
         k = self.cfg["k"]
         if self.cfg["arch"] == "topk":
             vals, cols = a.topk(k, dim=-1, sorted=False)
-            cols, order = cols.sort(dim=-1)
-            vals = vals.gather(-1, order)
+            if ascending:
+                cols, order = cols.sort(dim=-1)
+                vals = vals.gather(-1, order)
             rows = torch.arange(n, device=a.device).unsqueeze(1)
             return (rows * d_sae + cols).flatten(), vals.flatten()
-        return batch_topk(a, k * n)
+        return batch_topk(a, k * n, ascending)
 
     def encode(self, x):
         """Inference latents for x of any shape (..., d_in)."""
@@ -159,7 +160,7 @@ class SAE(nn.Module):
             # autocast since the sparse products below are fp32-only
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 a = self._training_pre_acts(x)
-            idx, vals = self.select(a)
+            idx, vals = self.select(a, ascending=True)
             rows, cols = idx // d_sae, idx % d_sae
             by_column = cols.argsort()  # the entries in column order, shared by both backward passes
             vals = _SelectedActs.apply(self.W_enc, self.b_enc, self.b_dec, x, vals, rows, cols, by_column)
@@ -224,8 +225,9 @@ def _normalised_error(residual, reconstruction):
     return torch.nan_to_num(error / variance, nan=0.0)
 
 
-def batch_topk(a, n_keep):
-    """The n_keep largest entries of a (N, F) as (flat indices in ascending order, values) (§1.6).
+def batch_topk(a, n_keep, ascending=False):
+    """The n_keep largest entries of a (N, F) as (flat indices, values) (§1.6), the indices in
+    ascending order when asked (and always on the CPU path below).
     On a GPU, and under torch.compile, one torch.topk over all N*F entries. On a CPU that top-k runs
     on one core and costs as much as the encoder's matmul, so select by threshold instead: a strided
     sample's top values give a cut t a little below the n_keep-th largest; the entries >= t (a few
@@ -234,8 +236,10 @@ def batch_topk(a, n_keep):
     flat = a.reshape(-1)
     if a.device.type != "cpu" or torch.compiler.is_compiling():
         vals, idx = flat.topk(n_keep, sorted=False)
-        idx, order = idx.sort()
-        return idx, vals[order]
+        if ascending:
+            idx, order = idx.sort()
+            vals = vals[order]
+        return idx, vals
     sample = flat[::_TOPK_SAMPLE_STRIDE]
     # 5% + 64 spare in the sample's count: the candidates fall short of n_keep only by a many-sigma fluke
     n_sample = min(len(sample), int(1.05 * n_keep / _TOPK_SAMPLE_STRIDE) + 64)

@@ -113,6 +113,16 @@ def test_topk_hand_case():
     assert torch.equal(f, torch.tensor([[2, 0, 0, 0], [0, 0.2, 0, 0], [0, 3, 0, 0]]))
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_select_ascending_orders_the_kept_entries_row_major(arch):
+    """The sparse products walk the kept entries token by token, columns in order."""
+    sae = random_sae(arch, d=8, F=32, k=4)
+    a = sae.pre_acts(torch.randn(16, 8, generator=torch.Generator().manual_seed(0))).detach()
+    idx, vals = sae.select(a, ascending=True)
+    assert torch.all(idx[1:] > idx[:-1]) and torch.equal(a.flatten()[idx], vals)
+    assert torch.equal(idx, sae.select(a)[0].sort().values)  # the same set as unordered
+
+
 def test_matryoshka_hand_case():
     sae = tiny_sae("matryoshka_batchtopk", group_fractions=(1/4, 1/4, 1/2))
     assert sae.cfg["group_sizes"] == [1, 1, 2]
@@ -266,7 +276,7 @@ def test_sparse_path_ignores_unkept_zero_activations():
 
 
 def check_batch_topk(a, n_keep, select=sae_lib.batch_topk):
-    idx, vals = select(a, n_keep)
+    idx, vals = select(a, n_keep, ascending=True)
     assert len(idx) == n_keep and torch.all(idx[1:] > idx[:-1])  # distinct, ascending
     assert torch.equal(a.flatten()[idx], vals)
     assert torch.equal(vals.sort().values, a.flatten().topk(n_keep).values.sort().values)
@@ -565,18 +575,23 @@ def test_export_saelens_refuses_what_it_cannot_represent(tmp_path):
 # torch.compile. The inductor test takes ~35 s on a cold cache here (~3 s warm, the kernels are
 # cached on disk); fullgraph=True makes a graph break an error.
 
-def test_compiled_training_loss_matches_eager():
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_compiled_training_loss_matches_eager(sparse):
+    """The dense path (CUDA's) compiles whole with inductor. train.py's compile=on wraps the sparse
+    path too, which then has graph breaks (the host-side dead count, the sparse products); both
+    must give the eager values and gradients."""
     sae = random_sae("matryoshka_batchtopk", d=16, F=64)
     x = torch.randn(32, 16)
     dead = torch.arange(64) % 3 == 0
-    compiled = torch.compile(lambda x, dead: sae.training_loss(x, dead, sparse=False)[0], fullgraph=True)
-    grads = []
-    for loss_fn in (compiled, lambda x, dead: sae.training_loss(x, dead, sparse=False)[0]):
+    eager = lambda x, dead: sae.training_loss(x, dead, sparse=sparse)[0]  # noqa: E731
+    compiled = torch.compile(eager, backend="aot_eager") if sparse else torch.compile(eager, fullgraph=True)
+    results = []
+    for loss_fn in (compiled, eager):
         sae.zero_grad()
         loss = loss_fn(x, dead)
         loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in sae.parameters()]))
-    (compiled_loss, compiled_grads), (eager_loss, eager_grads) = grads
+        results.append((loss.detach(), [p.grad.clone() for p in sae.parameters()]))
+    (compiled_loss, compiled_grads), (eager_loss, eager_grads) = results
     assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
         assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
@@ -589,25 +604,6 @@ def test_other_paths_compile_without_graph_breaks(arch):
     compiled = torch.compile(lambda x: sae.training_loss(x, l1_scale=0.5, sparse=False)[0],
                              backend="aot_eager", fullgraph=True)
     assert torch.allclose(compiled(x), sae.training_loss(x, l1_scale=0.5, sparse=False)[0])
-
-
-def test_sparse_path_runs_under_torch_compile():
-    """train.py's compile=on wraps training_loss whole; the sparse path then has graph breaks (the
-    host-side dead count, the sparse products) but must give the eager values and gradients."""
-    sae = random_sae("matryoshka_batchtopk", d=16, F=64)
-    x = torch.randn(32, 16)
-    dead = torch.arange(64) % 3 == 0
-    compiled = torch.compile(lambda x, dead: sae.training_loss(x, dead, sparse=True)[0], backend="aot_eager")
-    results = []
-    for loss_fn in (compiled, lambda x, dead: sae.training_loss(x, dead, sparse=True)[0]):
-        sae.zero_grad()
-        loss = loss_fn(x, dead)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in sae.parameters()]))
-    (compiled_loss, compiled_grads), (eager_loss, eager_grads) = results
-    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
-    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
-        assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])

@@ -4,7 +4,7 @@ objective, the decoder constraint, the inference threshold, scale folding, save/
 
 Section numbers (§) refer to /work/shared/reference/training.md. train.py owns the loop; a step is
 
-    loss, stats, f = sae.training_loss(x / s, dead_mask)        # §1.5-1.10
+    loss, stats, _ = sae.training_loss(x / s, dead_mask)        # §1.5-1.10
     loss.backward(); project_decoder_grad(sae)                 # §1.12
     clip, optimizer.step(); normalize_decoder(sae)
     dead counters from stats["fired"]                          # §1.9 (OR-reduce across ranks first)
@@ -63,6 +63,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # set to the geometric median at step 0 (§1.4)
         self.register_buffer("threshold", torch.tensor(-1.0))  # θ, -1 = unset (§1.11)
+        self._pre_acts_out = None  # training_loss's sparse path reuses this (B, F) buffer across steps
 
     def pre_acts(self, x):
         """a = ReLU((x - b_dec) W_enc + b_enc) (§1.5); the ReLU arch has no pre-encoder bias (§2)."""
@@ -110,26 +111,37 @@ class SAE(nn.Module):
         bounds = [0, *itertools.accumulate(self.cfg["group_sizes"])]
         return torch.stack([f[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in zip(bounds, bounds[1:])], dim=1)
 
-    def _decode_groups_sparse(self, rows, cols, vals, n, by_column):
+    def _decode_groups_sparse(self, rows, cols, vals, n, by_column, column_starts):
         """_decode_groups from the kept entries only (sorted by row, then column), in one sparse
         product whose output rows are (token, group) pairs."""
         sizes = self.cfg["group_sizes"]
         group_ends = torch.tensor(sizes[:-1], device=cols.device).cumsum(0)
         groups = torch.bucketize(cols, group_ends, right=True)
-        parts = _SparseDecode.apply(vals, self.W_dec, rows * len(sizes) + groups, cols, by_column, n * len(sizes))
+        parts = _SparseDecode.apply(vals, self.W_dec, rows * len(sizes) + groups, cols, by_column, column_starts,
+                                    n * len(sizes))
         return parts.view(n, len(sizes), -1)
 
-    def _training_pre_acts(self, x):
+    def _training_pre_acts(self, x, out=None):
         """pre_acts(x) as ReLU(x W_enc + (b_enc - b_dec W_enc)): the same values, but b_dec's gradient
         through the encoder becomes a (d, F) @ (F,) product instead of a (B, F) @ (F, d) one."""
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc).relu_()
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc, out=out).relu_()
+
+    def _reused_pre_acts_out(self, n):
+        """An (n, F) buffer kept between steps. On a CPU a fresh tensor over 32 MB (B=2048, F=4096 in
+        fp32) is a new mmap whose pages fault in one by one: about 15 ms a step."""
+        shape, out = (n, self.cfg["d_sae"]), self._pre_acts_out
+        if out is None or out.shape != shape or out.device != self.W_enc.device or out.dtype != self.W_enc.dtype:
+            self._pre_acts_out = out = torch.empty(shape, device=self.W_enc.device, dtype=self.W_enc.dtype)
+        return out
 
     def training_loss(self, x, dead_mask=None, l1_scale=1.0, sparse=None):
         """The training objective on x (B, d_in) (already divided by the scale s, §1.3).
-        Returns (loss, stats, f). stats: detached tensors loss, rec (full-width MSE), aux,
+        Returns (loss, stats, kept). stats: detached tensors loss, rec (full-width MSE), aux,
         prefix_losses (G,), l0 (+ l1 for ReLU), and for the loop's bookkeeping fired (F,) bool and
-        min_act: (f != 0).any(0) and batch_min_positive(f), read off the kept entries (cheaper).
-        f: the kept latents, dense (B, F).
+        min_act: (f != 0).any(0) and batch_min_positive(f) of the kept latents f.
+        kept = (idx, vals): f's kept entries, detached, as flat indices into (B, F) and their values
+        (zeros can be among them; the ReLU arch keeps every entry). The dense f, if wanted, is
+        torch.zeros(B * F).index_put_((idx,), vals).view(B, F).
 
         dead_mask (F,) bool: latents dead by the 10M-token rule (§1.9). None skips aux-k entirely.
         l1_scale: the ReLU arch's L1 warm-up factor min(t/T_sw, 1) (§2); a 0-d tensor avoids
@@ -137,7 +149,7 @@ class SAE(nn.Module):
 
         sparse (None = True on CPU): after the encoder's one dense product, work from the k*B kept
         entries only: the decoder, the encoder's weight gradient, and aux-k over the dead latents'
-        columns only. Same values and gradients as the dense path (tests/test_sae.py), 3-5x faster
+        columns only. Same values and gradients as the dense path (tests/test_sae.py), 3-6x faster
         per step on a 2-core CPU (bench.py). It reads the number of dead latents on the host (one
         sync when dead_mask is given) and runs eagerly. The dense path is the plain math with no
         host sync: it always computes aux-k and zeroes it with torch.where when no latent is dead,
@@ -151,7 +163,8 @@ class SAE(nn.Module):
             stats = dict(loss=loss, rec=rec, aux=torch.zeros((), device=x.device), l1=l1,
                          prefix_losses=rec.reshape(1), l0=(a > 0).sum(-1).float().mean(),
                          fired=(a > 0).any(0), min_act=batch_min_positive(a))
-            return loss, {key: t.detach() for key, t in stats.items()}, a
+            kept = torch.arange(a.numel(), device=a.device), a.detach().flatten()
+            return loss, {key: t.detach() for key, t in stats.items()}, kept
 
         n, d_sae = len(x), self.cfg["d_sae"]
         sparse = x.device.type == "cpu" if sparse is None else sparse
@@ -159,13 +172,16 @@ class SAE(nn.Module):
             # the one dense product; no autograd graph is kept for it, and it stays fp32 under
             # autocast since the sparse products below are fp32-only
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                a = self._training_pre_acts(x)
+                a = self._training_pre_acts(x, out=self._reused_pre_acts_out(n))
             idx, vals = self.select(a, ascending=True)
             rows, cols = idx // d_sae, idx % d_sae
-            by_column = cols.argsort()  # the entries in column order, shared by both backward passes
-            vals = _SelectedActs.apply(self.W_enc, self.b_enc, self.b_dec, x, vals, rows, cols, by_column)
-            parts = self._decode_groups_sparse(rows, cols, vals, n, by_column)
-            f = a.zero_().view(-1).index_put_((idx,), vals.detach()).view(n, d_sae)  # a's memory, reused
+            # the entries in column order (tokens ascending within a column) and where each column
+            # starts in it, for the two transposed products of the backward pass
+            sorted_cols, by_column = cols.sort(stable=True)
+            column_starts = torch.searchsorted(sorted_cols, torch.arange(d_sae + 1, device=x.device))
+            vals = _SelectedActs.apply(self.W_enc, self.b_enc, self.b_dec, x, vals, rows, cols, by_column,
+                                       column_starts)
+            parts = self._decode_groups_sparse(rows, cols, vals, n, by_column, column_starts)
         else:
             a = self._training_pre_acts(x)
             idx, vals = self.select(a)
@@ -181,14 +197,14 @@ class SAE(nn.Module):
             aux = (self._aux_loss_sparse(residual, x, dead_mask) if sparse
                    else self._aux_loss(residual, a, dead_mask))
         loss = rec + _AUX_ALPHA * aux
-        kept = vals.detach().float()  # bf16 under autocast
+        kept_vals = vals.detach().float()  # bf16 under autocast
         stats = dict(loss=loss, rec=prefix_losses[-1], aux=aux, prefix_losses=prefix_losses,
-                     l0=(kept > 0).sum().float() / n,
+                     l0=(kept_vals > 0).sum().float() / n,
                      # what the loop needs from f, read off the k*B kept entries instead of all B*F:
                      # the latents that fired (§1.9) and m, the smallest positive activation (§1.11)
-                     fired=torch.zeros_like(self.b_enc).scatter_reduce(0, idx % d_sae, kept, "amax") > 0,
-                     min_act=batch_min_positive(kept))
-        return loss, {key: t.detach() for key, t in stats.items()}, f
+                     fired=torch.zeros_like(self.b_enc).scatter_reduce(0, idx % d_sae, kept_vals, "amax") > 0,
+                     min_act=batch_min_positive(kept_vals))
+        return loss, {key: t.detach() for key, t in stats.items()}, (idx, vals.detach())
 
     def _aux_loss(self, residual, a, dead_mask):
         """§1.10 aux-k (arXiv:2406.04093): reconstruct the detached residual from the top
@@ -259,19 +275,19 @@ def batch_topk(a, n_keep, ascending=False):
 # Sparse products for training_loss(sparse=True). A kept entry e is (row, column, value); a sparse
 # (R, C) matrix S given by such entries times a dense (C, d) table is embedding_bag's weighted sum.
 
-def _sparse_times(rows, cols, weights, table, n_rows):
-    """S @ table for the sparse (n_rows, len(table)) S with S[rows[e], cols[e]] = weights[e]; rows ascending."""
-    offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
+def _weighted_bags(members, starts, weights, table):
+    """out[j] = Σ_{e in bag j} weights[e] table[members[e]], where bag j is the entries
+    starts[j]:starts[j+1] (len(starts) = number of bags + 1): embedding_bag's weighted sum."""
     # used inside autograd Functions only: detached inputs spare embedding_bag the bookkeeping for a
     # backward of its own (a third of its time), which it keys on requires_grad, not on grad mode
-    return nn.functional.embedding_bag(cols, table.detach(), offsets, mode="sum",
-                                       per_sample_weights=weights.detach())
+    return nn.functional.embedding_bag(members, table.detach(), starts, mode="sum",
+                                       per_sample_weights=weights.detach(), include_last_offset=True)
 
 
-def _sparse_transposed_times(rows, cols, weights, table, n_cols, by_column):
-    """S^T @ table, with S as in _sparse_times and by_column = cols.argsort(), which re-sorts its
-    entries by column."""
-    return _sparse_times(cols[by_column], rows[by_column], weights[by_column], table, n_cols)
+def _sparse_transposed_times(rows, weights, table, by_column, column_starts):
+    """S^T @ table for the S of _SparseDecode: its entries re-sorted by column (by_column, a stable
+    argsort of the columns), column c's entries being column_starts[c]:column_starts[c+1] in that order."""
+    return _weighted_bags(rows.index_select(0, by_column), column_starts, weights.index_select(0, by_column), table)
 
 
 class _SelectedActs(torch.autograd.Function):
@@ -282,41 +298,42 @@ class _SelectedActs(torch.autograd.Function):
     db_enc[c] = Σ_{e in column c} g_e, db_dec = -W_enc db_enc."""
 
     @staticmethod
-    def forward(ctx, W_enc, b_enc, b_dec, x, vals, rows, cols, by_column):
-        ctx.save_for_backward(W_enc, b_dec, x, vals, rows, cols, by_column)
+    def forward(ctx, W_enc, b_enc, b_dec, x, vals, rows, cols, by_column, column_starts):
+        ctx.save_for_backward(W_enc, b_dec, x, vals, rows, cols, by_column, column_starts)
         return vals.view_as(vals)
 
     @staticmethod
     def backward(ctx, grad):
-        W_enc, b_dec, x, vals, rows, cols, by_column = ctx.saved_tensors
+        W_enc, b_dec, x, vals, rows, cols, by_column, column_starts = ctx.saved_tensors
         grad = grad * (vals > 0)  # the ReLU's gradient
-        grad_W_enc = _sparse_transposed_times(rows, cols, grad, x - b_dec, W_enc.shape[1], by_column).T
+        grad_W_enc = _sparse_transposed_times(rows, grad, x - b_dec, by_column, column_starts).T
         grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        return grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None, None, None
+        return grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
     """out = S @ W_dec for the sparse (n_rows, F) S with S[rows[e], cols[e]] = vals[e] (rows ascending,
-    columns ascending within a row): the decoder over the kept entries, not a dense (B, F) @ (F, d)."""
+    columns ascending within a row): the decoder over the kept entries, not a dense (B, F) @ (F, d).
+    by_column and column_starts order the entries by column for the backward (_sparse_transposed_times)."""
 
     @staticmethod
-    def forward(ctx, vals, W_dec, rows, cols, by_column, n_rows):
-        ctx.save_for_backward(vals, W_dec, rows, cols, by_column)
-        return _sparse_times(rows, cols, vals, W_dec, n_rows)
+    def forward(ctx, vals, W_dec, rows, cols, by_column, column_starts, n_rows):
+        row_starts = torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device))
+        ctx.save_for_backward(vals, W_dec, rows, cols, by_column, column_starts, row_starts)
+        return _weighted_bags(cols, row_starts, vals, W_dec)
 
     @staticmethod
     def backward(ctx, grad_out):
-        vals, W_dec, rows, cols, by_column = ctx.saved_tensors
+        vals, W_dec, rows, cols, by_column, column_starts, row_starts = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         # d out / d vals[e] = grad_out[rows[e]] · W_dec[cols[e]]: (grad_out @ W_dec^T) at the kept entries only
-        row_starts = torch.searchsorted(rows, torch.arange(len(grad_out) + 1, device=rows.device))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             pattern = torch.sparse_csr_tensor(row_starts, cols, torch.ones_like(vals),
                                               (len(grad_out), len(W_dec)), check_invariants=False)
         grad_vals = torch.sparse.sampled_addmm(pattern, grad_out, W_dec.T, beta=0).values()
-        return (grad_vals, _sparse_transposed_times(rows, cols, vals, grad_out, len(W_dec), by_column),
-                None, None, None, None)
+        return (grad_vals, _sparse_transposed_times(rows, vals, grad_out, by_column, column_starts),
+                None, None, None, None, None)
 
 
 class _PrefixLosses(torch.autograd.Function):

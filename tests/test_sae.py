@@ -18,6 +18,12 @@ def set_params(sae, W_enc, W_dec, b_enc, b_dec):
             getattr(sae, name).copy_(torch.tensor(value, dtype=torch.float32))
 
 
+def dense(kept, sae, x):
+    """training_loss's kept entries as the dense (B, F) latents f."""
+    idx, vals = kept
+    return torch.zeros(len(x) * sae.cfg["d_sae"]).index_put_((idx,), vals).view(len(x), -1)
+
+
 def random_sae(arch, d=8, F=32, k=4, seed=0, threshold=0.05, **meta):
     """An SAE with non-trivial biases (and a set threshold) so invariants are not vacuous."""
     sae = SAE(d, F, arch=arch, k=k, group_fractions=(1/4, 1/4, 1/2), seed=seed, **meta)
@@ -99,7 +105,9 @@ def tiny_sae(arch, group_fractions=(1/32, 1/16, 1/8, 1/4, 1/2 + 1/32)):
 
 
 def test_batchtopk_hand_case():
-    loss, stats, f = tiny_sae("batchtopk").training_loss(X)
+    sae = tiny_sae("batchtopk")
+    loss, stats, kept = sae.training_loss(X)
+    f = dense(kept, sae, X)
     assert torch.equal(f, EXPECTED_F)
     assert (f > 0).sum(-1).tolist() == [2, 0, 1]  # per-token L0 varies, the mean is k = 1
     assert stats["l0"].item() == 1
@@ -108,7 +116,8 @@ def test_batchtopk_hand_case():
 
 
 def test_topk_hand_case():
-    _, _, f = tiny_sae("topk").training_loss(X)
+    sae = tiny_sae("topk")
+    f = dense(sae.training_loss(X)[2], sae, X)
     # per token: the single largest pre-activation (token 1's is 0.2 at latent 1)
     assert torch.equal(f, torch.tensor([[2, 0, 0, 0], [0, 0.2, 0, 0], [0, 3, 0, 0]]))
 
@@ -126,8 +135,8 @@ def test_select_ascending_orders_the_kept_entries_row_major(arch):
 def test_matryoshka_hand_case():
     sae = tiny_sae("matryoshka_batchtopk", group_fractions=(1/4, 1/4, 1/2))
     assert sae.cfg["group_sizes"] == [1, 1, 2]
-    loss, stats, f = sae.training_loss(X)
-    assert torch.equal(f, EXPECTED_F)  # one shared selection for all prefixes (§1.7)
+    loss, stats, kept = sae.training_loss(X)
+    assert torch.equal(dense(kept, sae, X), EXPECTED_F)  # one shared selection for all prefixes (§1.7)
     # By hand: prefix {0}: errors .25, .05, 10; prefix {0,1}: .25, .05, 1; all: as above.
     hand = np.array([10.3 / 3, 1.3 / 3, EXPECTED_MSE])
     reference = numpy_prefix_losses(X, EXPECTED_F, W_DEC, B_DEC, [1, 1, 2])
@@ -143,9 +152,9 @@ def test_relu_loss_hand_case():
     sae.cfg["l1_coefficient"] = 0.5
     with torch.no_grad():
         sae.W_dec.mul_(torch.tensor([[1.0], [2.0], [1.0], [0.5]]))  # row norms 1, 2, 1, 0.5
-    loss, stats, f = sae.training_loss(X, l1_scale=0.1)
+    loss, stats, kept = sae.training_loss(X, l1_scale=0.1)
     a = np.maximum(X.numpy() @ np.array(W_ENC) + np.array(B_ENC), 0)  # no pre-encoder bias (§2)
-    np.testing.assert_allclose(f.detach().numpy(), a, rtol=1e-6)
+    np.testing.assert_allclose(dense(kept, sae, X).numpy(), a, rtol=1e-6)  # every entry kept
     mse = ((X.numpy() - a @ sae.W_dec.detach().numpy() - np.array(B_DEC)) ** 2).sum(1).mean()
     l1 = (a * np.array([1, 2, 1, 0.5])).sum(1).mean()
     assert stats["rec"].item() == pytest.approx(mse, rel=1e-5)
@@ -155,8 +164,8 @@ def test_relu_loss_hand_case():
 def test_training_l0_is_exactly_k_and_varies_per_token():
     sae = SAE(16, 256, arch="matryoshka_batchtopk", k=8, group_fractions=(1/4, 3/4))
     x = torch.randn(512, 16)
-    _, stats, f = sae.training_loss(x)
-    per_token = (f > 0).sum(-1)
+    _, stats, kept = sae.training_loss(x)
+    per_token = (dense(kept, sae, x) > 0).sum(-1)
     assert stats["l0"].item() == 8 and per_token.float().mean().item() == 8
     assert per_token.min() < 8 < per_token.max()
 
@@ -182,9 +191,9 @@ def test_aux_loss_matches_numpy(dead_ids):
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     dead = torch.zeros(8, dtype=torch.bool)
     dead[dead_ids] = True
-    loss, stats, f = sae.training_loss(x, dead)
+    loss, stats, kept = sae.training_loss(x, dead)
     a = sae.pre_acts(x).detach()
-    expected = numpy_aux_loss(x, f.detach(), a, sae.W_dec.detach(), sae.b_dec.detach(), dead.numpy())
+    expected = numpy_aux_loss(x, dense(kept, sae, x), a, sae.W_dec.detach(), sae.b_dec.detach(), dead.numpy())
     assert expected > 0
     assert stats["aux"].item() == pytest.approx(expected, rel=1e-5)
     assert loss.item() == pytest.approx(stats["rec"].item() + expected / 32, rel=1e-5)
@@ -241,9 +250,9 @@ def test_sparse_path_matches_dense(arch, dead_ids):
     results = []
     for sparse in (False, True):
         sae = random_sae(arch)
-        loss, stats, f = sae.training_loss(x, dead, sparse=sparse)
+        loss, stats, kept = sae.training_loss(x, dead, sparse=sparse)
         loss.backward()
-        results.append((stats, f, [p.grad for p in sae.parameters()]))
+        results.append((stats, dense(kept, sae, x), [p.grad for p in sae.parameters()]))
     (dense_stats, dense_f, dense_grads), (sparse_stats, sparse_f, sparse_grads) = results
     assert (dense_stats["aux"] > 0) == bool(dead_ids)  # aux-k ran exactly when a latent was dead
     for key in ("loss", "rec", "aux", "prefix_losses", "l0", "min_act"):
@@ -257,6 +266,23 @@ def test_sparse_path_matches_dense(arch, dead_ids):
         assert torch.allclose(dense_grad, sparse_grad, rtol=1e-4, atol=1e-6), name
 
 
+def test_sparse_path_reuses_its_buffer_safely():
+    """The sparse path computes the pre-activations into one buffer kept between calls. Losses built
+    before a single backward (gradient accumulation), on batches of changing size, still give the
+    dense path's values and gradients: nothing saved for the backward points into that buffer."""
+    batches = [torch.randn(n, 8, generator=torch.Generator().manual_seed(n)) for n in (32, 32, 16)]
+    results = []
+    for sparse in (False, True):
+        sae = random_sae("matryoshka_batchtopk")
+        losses = [sae.training_loss(x, sparse=sparse)[0] for x in batches]
+        sum(losses).backward()
+        results.append((torch.stack(losses).detach(), [p.grad for p in sae.parameters()]))
+    (dense_losses, dense_grads), (sparse_losses, sparse_grads) = results
+    assert torch.allclose(dense_losses, sparse_losses, rtol=1e-5)
+    for dense_grad, sparse_grad in zip(dense_grads, sparse_grads):
+        assert torch.allclose(dense_grad, sparse_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_sparse_path_ignores_unkept_zero_activations():
     """Fewer than k*B positive pre-activations: BatchTopK then keeps some zeros, which must get no
     gradient (the ReLU's), exactly as in the dense path."""
@@ -267,7 +293,7 @@ def test_sparse_path_ignores_unkept_zero_activations():
     grads = []
     for sparse in (False, True):
         sae.zero_grad()
-        loss, stats, f = sae.training_loss(x, sparse=sparse)
+        loss, stats, _ = sae.training_loss(x, sparse=sparse)
         loss.backward()
         assert stats["l0"].item() < 8  # the kept set did include zeros
         grads.append([p.grad.clone() for p in sae.parameters()])
@@ -335,14 +361,14 @@ def train_on_synthetic(arch, steps=1000, d=64, num_features=64, F=128, k=3, batc
         sae.b_dec.copy_(sae_lib.geometric_median(synthetic_batch(2048, directions, generator)))
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for step in range(steps):
-        loss, stats, f = sae.training_loss(synthetic_batch(batch, directions, generator))
+        loss, stats, _ = sae.training_loss(synthetic_batch(batch, directions, generator))
         optimizer.zero_grad()
         loss.backward()
         sae_lib.project_decoder_grad(sae)
         optimizer.step()
         sae_lib.normalize_decoder(sae)
         if step >= steps // 2:
-            sae_lib.update_threshold(sae, sae_lib.batch_min_positive(f))
+            sae_lib.update_threshold(sae, stats["min_act"])
     return sae, directions, synthetic_batch(4096, directions, generator)
 
 

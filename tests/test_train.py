@@ -106,7 +106,8 @@ def test_sae_step_keeps_the_dead_counters_and_sets_the_threshold():
     s = sae_lib.SAE(16, 32, arch="batchtopk", k=2, seed=0)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        f = s.training_loss(x)[2]
+        idx, vals = s.training_loss(x)[2]
+    f = torch.zeros(64 * 32).index_put_((idx,), vals).view(64, 32)
     dead = torch.full((32,), 100)
     optimizer = torch.optim.Adam(s.parameters(), lr=1e-3, fused=True)
     train.sae_step(s, s.training_loss, optimizer, dead, x, 0, 1e-3, cfg, 1, torch.autocast("cpu", enabled=False))

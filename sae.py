@@ -341,31 +341,36 @@ class _PrefixLosses(torch.autograd.Function):
     and the groups' decoder outputs p (n, G, d); also r_G, not differentiable (aux-k takes it
     detached). By hand because autograd keeps G chains of temporaries and copies the (n, G, d)
     gradient once more. Since dL_i/dp_j = -(2/n) r_i for j <= i, the gradient of p_j is
-    -(2/n) Σ_{i>=j} g_i r_i: a running sum from the last group down, which ends as minus r_0's gradient."""
+    q_j = -(2/n) Σ_{i>=j} g_i r_i: a running sum from the last group down, which ends as minus
+    r_0's gradient. The backward walks the residuals down again, r_{i-1} = r_i + p_i, instead of
+    keeping all G of them from the forward."""
 
     @staticmethod
     def forward(ctx, r0, parts):
-        residuals = r0.new_empty((parts.shape[1], *r0.shape))  # (G, n, d): each r_i contiguous
-        r = r0
-        for i, part in enumerate(parts.unbind(1)):
-            r = torch.sub(r, part, out=residuals[i])
-        ctx.save_for_backward(residuals)
+        r, losses = r0.clone(), []
+        for part in parts.unbind(1):
+            r.sub_(part)
+            losses.append(torch.dot(r.view(-1), r.view(-1)))
+        ctx.save_for_backward(parts, r)
         ctx.mark_non_differentiable(r)
-        return torch.stack([torch.dot(r_i.view(-1), r_i.view(-1)) for r_i in residuals]) / len(r0), r
+        return torch.stack(losses) / len(r0), r
 
     @staticmethod
     def backward(ctx, grad_losses, _):
-        residuals, = ctx.saved_tensors
-        G, n, d = residuals.shape
-        grad_parts = residuals.new_empty((n, G, d))
-        running = torch.zeros_like(residuals[0])  # the gradient of p_j
-        for j in reversed(range(G)):
-            running.addcmul_(residuals[j], grad_losses[j] * (-2 / n))
-            grad_parts[:, j].copy_(running)
+        parts, r = ctx.saved_tensors
+        n, G, _ = parts.shape
+        weights = grad_losses * (-2 / n)  # q_j = q_{j+1} + weights[j] r_j
+        grad_parts = torch.empty_like(parts)
+        running = r * weights[-1]
+        grad_parts[:, -1] = running
+        r = r.clone()
+        for j in reversed(range(G - 1)):
+            r += parts[:, j + 1]  # r_j from r_{j+1}
+            running.addcmul_(r, weights[j])
+            grad_parts[:, j] = running
         return -running, grad_parts
 
 
-@torch.no_grad()
 def geometric_median(x, max_iter=100, tol=1e-5):
     """Weiszfeld's algorithm in fp64 (§1.4): the point minimising Σ_i ||x_i - y||, started at the
     mean. Used once at step 0 for b_dec; robust to outlier tokens, unlike the mean."""

@@ -13,7 +13,10 @@ same run (warm-up first, then medians of interleaved repeats), printed as one ta
             run aux-k), i.e. the same math.
   roofline  the step's necessary matrix work, 4·B·d·F FLOPs (encoder forward + encoder weight
             gradient; the decoder is sparse), at the fp32 GEMM rate of a (B, d) @ (d, F) product
-            measured in the same run: "% of limit".
+            (into a preallocated output) measured in the same run: "% of limit".
+
+On a CPU the process runs with train.keep_freed_memory(), as train.py does: glibc's default of
+mapping fresh pages for every big tensor costs everything here (the GEMM most) a lot of speed.
 
   python bench.py                          # the full table, ~10 min on 2 CPU cores
   python bench.py --quick=True             # tiny shapes, no compile: a smoke test in seconds
@@ -217,8 +220,8 @@ def sae_rows(cfg, F, k, rival):
     x = torch.randn(B, d, generator=generator).to(cfg.device) / d ** 0.5  # E||x||² = 1, as train.py scales
     dead_mask = (torch.rand(F, generator=generator) < cfg.dead_fraction).to(cfg.device)
     train_cfg = configurator.configure(vars(train), [])  # train.py's defaults (grad_clip)
-    W_enc = torch.randn(d, F, generator=generator).to(cfg.device)
-    runs = {"gemm": lambda: x @ W_enc, "eager": our_step(cfg, train_cfg, d, F, k, x, dead_mask, False)}
+    W_enc, gemm_out = torch.randn(d, F, generator=generator).to(cfg.device), torch.empty(B, F, device=cfg.device)
+    runs = {"gemm": lambda: torch.mm(x, W_enc, out=gemm_out), "eager": our_step(cfg, train_cfg, d, F, k, x, dead_mask, False)}
     if rival == "compiled":
         runs["compiled"] = our_step(cfg, train_cfg, d, F, k, x, dead_mask, True)
     elif rival == "reference":
@@ -265,6 +268,8 @@ def main(argv):
     if cfg.quick:
         vars(cfg).update(_QUICK)
     torch.set_num_threads(cfg.threads)
+    if cfg.device == "cpu":
+        train.keep_freed_memory()  # as train.py runs on a CPU; every row, ours and the references, gets it
     load_before = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f}")
     transformers = optional("transformers")

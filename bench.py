@@ -220,7 +220,8 @@ def sae_rows(cfg, F, k, rival):
     x = torch.randn(B, d, generator=generator).to(cfg.device) / d ** 0.5  # E||x||² = 1, as train.py scales
     dead_mask = (torch.rand(F, generator=generator) < cfg.dead_fraction).to(cfg.device)
     train_cfg = configurator.configure(vars(train), [])  # train.py's defaults (grad_clip)
-    W_enc, gemm_out = torch.randn(d, F, generator=generator).to(cfg.device), torch.empty(B, F, device=cfg.device)
+    W_enc = torch.randn(d, F, generator=generator).to(cfg.device)
+    gemm_out = torch.empty(B, F, device=cfg.device)
     runs = {"gemm": lambda: torch.mm(x, W_enc, out=gemm_out), "eager": our_step(cfg, train_cfg, d, F, k, x, dead_mask, False)}
     if rival == "compiled":
         runs["compiled"] = our_step(cfg, train_cfg, d, F, k, x, dead_mask, True)

@@ -177,8 +177,8 @@ class SAE(nn.Module):
             rows, cols = idx // d_sae, idx % d_sae
             # the entries in column order (tokens ascending within a column) and where each column
             # starts in it, for the two transposed products of the backward pass
-            sorted_cols, by_column = cols.sort(stable=True)
-            column_starts = torch.searchsorted(sorted_cols, torch.arange(d_sae + 1, device=x.device))
+            sorted_cols, by_column = cols.int().sort(stable=True)  # int32 sorts twice as fast
+            column_starts = torch.searchsorted(sorted_cols, torch.arange(d_sae + 1, dtype=torch.int32, device=x.device))
             vals = _SelectedActs.apply(self.W_enc, self.b_enc, self.b_dec, x, vals, rows, cols, by_column,
                                        column_starts)
             parts = self._decode_groups_sparse(rows, cols, vals, n, by_column, column_starts)
@@ -263,12 +263,13 @@ def batch_topk(a, n_keep, ascending=False):
     idx = (flat >= cut).nonzero().squeeze(1)
     if len(idx) < n_keep:  # the sample misjudged the cut: every entry is a candidate
         idx = torch.arange(len(flat), device=a.device)
-    vals = flat[idx]
+    vals = flat.index_select(0, idx)  # index_select: half the time of flat[idx] on a CPU
     cut = vals.kthvalue(len(vals) - n_keep + 1).values  # the n_keep-th largest
     keep = vals > cut
     ties = (vals == cut).nonzero().squeeze(1)
     keep[ties[:n_keep - int(keep.sum())]] = True
-    return idx[keep], vals[keep]
+    keep = keep.nonzero().squeeze(1)
+    return idx.index_select(0, keep), vals.index_select(0, keep)
 
 
 # -----------------------------------------------------------------------------

@@ -178,7 +178,8 @@ class SAE(nn.Module):
             # the entries in column order (tokens ascending within a column) and where each column
             # starts in it, for the two transposed products of the backward pass
             sorted_cols, by_column = cols.int().sort(stable=True)  # int32 sorts twice as fast
-            column_starts = torch.searchsorted(sorted_cols, torch.arange(d_sae + 1, dtype=torch.int32, device=x.device))
+            column_starts = torch.searchsorted(sorted_cols, torch.arange(d_sae + 1, dtype=torch.int32,
+                                                                         device=x.device))
             vals = _SelectedActs.apply(self.W_enc, self.b_enc, self.b_dec, x, vals, rows, cols, by_column,
                                        column_starts)
             parts = self._decode_groups_sparse(rows, cols, vals, n, by_column, column_starts)
@@ -372,6 +373,7 @@ class _PrefixLosses(torch.autograd.Function):
         return -running, grad_parts
 
 
+@torch.no_grad()
 def geometric_median(x, max_iter=100, tol=1e-5):
     """Weiszfeld's algorithm in fp64 (§1.4): the point minimising Σ_i ||x_i - y||, started at the
     mean. Used once at step 0 for b_dec; robust to outlier tokens, unlike the mean."""

@@ -222,7 +222,8 @@ def sae_rows(cfg, F, k, rival):
     train_cfg = configurator.configure(vars(train), [])  # train.py's defaults (grad_clip)
     W_enc = torch.randn(d, F, generator=generator).to(cfg.device)
     gemm_out = torch.empty(B, F, device=cfg.device)
-    runs = {"gemm": lambda: torch.mm(x, W_enc, out=gemm_out), "eager": our_step(cfg, train_cfg, d, F, k, x, dead_mask, False)}
+    runs = {"gemm": lambda: torch.mm(x, W_enc, out=gemm_out),
+            "eager": our_step(cfg, train_cfg, d, F, k, x, dead_mask, False)}
     if rival == "compiled":
         runs["compiled"] = our_step(cfg, train_cfg, d, F, k, x, dead_mask, True)
     elif rival == "reference":

@@ -4,6 +4,7 @@ Every test trains on the embedded offline default (prepare.py's tiny random GPT-
 standard-library tokens), shrunk so that a run takes seconds.
 """
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_sae_step_keeps_the_dead_counters_and_sets_the_threshold():
     assert s.threshold.item() == f[f > 0].min().item()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_keep_freed_memory_stops_page_faults_in_a_loop():
     """A loop that allocates and frees the same big tensors every step (a training step does) stops
     faulting pages in once malloc keeps freed memory. glibc's default maps fresh pages each time:

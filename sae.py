@@ -63,7 +63,6 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # set to the geometric median at step 0 (§1.4)
         self.register_buffer("threshold", torch.tensor(-1.0))  # θ, -1 = unset (§1.11)
-        self._pre_acts_out = None  # training_loss's sparse path reuses this (B, F) buffer across steps
 
     def pre_acts(self, x):
         """a = ReLU((x - b_dec) W_enc + b_enc) (§1.5); the ReLU arch has no pre-encoder bias (§2)."""
@@ -121,18 +120,10 @@ class SAE(nn.Module):
                                     n * len(sizes))
         return parts.view(n, len(sizes), -1)
 
-    def _training_pre_acts(self, x, out=None):
+    def _training_pre_acts(self, x):
         """pre_acts(x) as ReLU(x W_enc + (b_enc - b_dec W_enc)): the same values, but b_dec's gradient
         through the encoder becomes a (d, F) @ (F,) product instead of a (B, F) @ (F, d) one."""
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc, out=out).relu_()
-
-    def _reused_pre_acts_out(self, n):
-        """An (n, F) buffer kept between steps. On a CPU a fresh tensor over 32 MB (B=2048, F=4096 in
-        fp32) is a new mmap whose pages fault in one by one: about 15 ms a step."""
-        shape, out = (n, self.cfg["d_sae"]), self._pre_acts_out
-        if out is None or out.shape != shape or out.device != self.W_enc.device or out.dtype != self.W_enc.dtype:
-            self._pre_acts_out = out = torch.empty(shape, device=self.W_enc.device, dtype=self.W_enc.dtype)
-        return out
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc).relu_()
 
     def training_loss(self, x, dead_mask=None, l1_scale=1.0, sparse=None):
         """The training objective on x (B, d_in) (already divided by the scale s, §1.3).
@@ -140,8 +131,9 @@ class SAE(nn.Module):
         prefix_losses (G,), l0 (+ l1 for ReLU), and for the loop's bookkeeping fired (F,) bool and
         min_act: (f != 0).any(0) and batch_min_positive(f) of the kept latents f.
         kept = (idx, vals): f's kept entries, detached, as flat indices into (B, F) and their values
-        (zeros can be among them; the ReLU arch keeps every entry). The dense f, if wanted, is
-        torch.zeros(B * F).index_put_((idx,), vals).view(B, F).
+        (zeros can be among them). The dense f, if wanted, is
+        torch.zeros(B * F).index_put_((idx,), vals).view(B, F). None for the ReLU arch, which selects
+        nothing: its f is pre_acts(x).
 
         dead_mask (F,) bool: latents dead by the 10M-token rule (§1.9). None skips aux-k entirely.
         l1_scale: the ReLU arch's L1 warm-up factor min(t/T_sw, 1) (§2); a 0-d tensor avoids
@@ -163,8 +155,7 @@ class SAE(nn.Module):
             stats = dict(loss=loss, rec=rec, aux=torch.zeros((), device=x.device), l1=l1,
                          prefix_losses=rec.reshape(1), l0=(a > 0).sum(-1).float().mean(),
                          fired=(a > 0).any(0), min_act=batch_min_positive(a))
-            kept = torch.arange(a.numel(), device=a.device), a.detach().flatten()
-            return loss, {key: t.detach() for key, t in stats.items()}, kept
+            return loss, {key: t.detach() for key, t in stats.items()}, None
 
         n, d_sae = len(x), self.cfg["d_sae"]
         sparse = x.device.type == "cpu" if sparse is None else sparse
@@ -172,7 +163,7 @@ class SAE(nn.Module):
             # the one dense product; no autograd graph is kept for it, and it stays fp32 under
             # autocast since the sparse products below are fp32-only
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                a = self._training_pre_acts(x, out=self._reused_pre_acts_out(n))
+                a = self._training_pre_acts(x)
             idx, vals = self.select(a, ascending=True)
             rows, cols = idx // d_sae, idx % d_sae
             # the entries in column order (tokens ascending within a column) and where each column
@@ -186,6 +177,7 @@ class SAE(nn.Module):
         else:
             a = self._training_pre_acts(x)
             idx, vals = self.select(a)
+            cols = idx % d_sae
             f = torch.zeros_like(a).flatten().scatter(0, idx, vals).view_as(a)
             parts = self._decode_groups(f)
         # §1.7-1.8: x̂_i = b_dec + Σ_{j<=i} part_j and L_i = mean_b Σ_d (x - x̂_i)². L_rec = (1/G) Σ_i w_i L_i
@@ -203,7 +195,7 @@ class SAE(nn.Module):
                      l0=(kept_vals > 0).sum().float() / n,
                      # what the loop needs from f, read off the k*B kept entries instead of all B*F:
                      # the latents that fired (§1.9) and m, the smallest positive activation (§1.11)
-                     fired=torch.zeros_like(self.b_enc).scatter_reduce(0, idx % d_sae, kept_vals, "amax") > 0,
+                     fired=torch.zeros_like(self.b_enc).scatter_reduce(0, cols, kept_vals, "amax") > 0,
                      min_act=batch_min_positive(kept_vals))
         return loss, {key: t.detach() for key, t in stats.items()}, (idx, vals.detach())
 

@@ -153,8 +153,9 @@ def test_relu_loss_hand_case():
     with torch.no_grad():
         sae.W_dec.mul_(torch.tensor([[1.0], [2.0], [1.0], [0.5]]))  # row norms 1, 2, 1, 0.5
     loss, stats, kept = sae.training_loss(X, l1_scale=0.1)
+    assert kept is None  # no selection: the latents are all of pre_acts(x)
     a = np.maximum(X.numpy() @ np.array(W_ENC) + np.array(B_ENC), 0)  # no pre-encoder bias (§2)
-    np.testing.assert_allclose(dense(kept, sae, X).numpy(), a, rtol=1e-6)  # every entry kept
+    np.testing.assert_allclose(sae.pre_acts(X).detach().numpy(), a, rtol=1e-6)
     mse = ((X.numpy() - a @ sae.W_dec.detach().numpy() - np.array(B_DEC)) ** 2).sum(1).mean()
     l1 = (a * np.array([1, 2, 1, 0.5])).sum(1).mean()
     assert stats["rec"].item() == pytest.approx(mse, rel=1e-5)
@@ -302,10 +303,9 @@ def test_sparse_path_matches_dense(arch, dead_ids):
         assert torch.allclose(dense_grad, sparse_grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_sparse_path_reuses_its_buffer_safely():
-    """The sparse path computes the pre-activations into one buffer kept between calls. Losses built
-    before a single backward (gradient accumulation), on batches of changing size, still give the
-    dense path's values and gradients: nothing saved for the backward points into that buffer."""
+def test_sparse_path_under_gradient_accumulation():
+    """Losses built before a single backward, on batches of changing size, give the dense path's
+    values and gradients: each loss keeps its own saved tensors for the backward."""
     batches = [torch.randn(n, 8, generator=torch.Generator().manual_seed(n)) for n in (32, 32, 16)]
     results = []
     for sparse in (False, True):

@@ -16,7 +16,7 @@ same run (warm-up first, then medians of interleaved repeats), printed as one ta
             (into a preallocated output) measured in the same run: "% of limit".
 
 On a CPU the process runs with train.keep_freed_memory(), as train.py does: glibc's default of
-mapping fresh pages for every big tensor costs everything here (the GEMM most) a lot of speed.
+mapping fresh pages for every big tensor costs both SAE steps here speed (dictionary_learning's most).
 
   python bench.py                          # the full table, ~10 min on 2 CPU cores
   python bench.py --quick=True             # tiny shapes, no compile: a smoke test in seconds

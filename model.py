@@ -1,8 +1,9 @@
-"""Our own forward pass for GPT-NeoX (all Pythia sizes) and Gemma-2, read from a Hugging Face folder.
+"""Our own forward pass for GPT-NeoX (all Pythia sizes), Gemma-2 and Gemma 3 (text), read from a Hugging
+Face folder.
 
-One Transformer class covers both architectures; they differ only in Config fields. Every numerical
-choice mirrors transformers' GPTNeoXForCausalLM / Gemma2ForCausalLM (hub facts in
-shared/reference/models.md); tests/test_model.py checks logits and every layer against transformers.
+One Transformer class covers all three architectures; they differ only in Config fields. Every numerical
+choice mirrors transformers' GPTNeoXForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM;
+tests/test_model.py checks logits and every layer against transformers.
 
     import model
     m = model.load("data/tiny/model")          # config.json + *.safetensors, never pickle
@@ -21,7 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-_ARCHITECTURES = {"GPTNeoXForCausalLM": "gpt_neox", "Gemma2ForCausalLM": "gemma2"}
+_ARCHITECTURES = {"GPTNeoXForCausalLM": "gpt_neox", "Gemma2ForCausalLM": "gemma2",
+                  "Gemma3ForCausalLM": "gemma3",
+                  "Gemma3ForConditionalGeneration": "gemma3"}  # the vision-language Gemma 3: its text decoder
+_MULTIMODAL = "Gemma3ForConditionalGeneration"
 _GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}  # HF activation name -> F.gelu(approximate=)
 # Buffers that older GPT-NeoX checkpoints saved; we recompute masks and rotary angles instead.
 _SKIPPED_BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
@@ -47,23 +51,44 @@ _HF_MODULES = {  # our module -> HF module (checkpoint tensor names without .wei
         "blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
         "blocks.{i}.ln_mlp_out": "model.layers.{i}.post_feedforward_layernorm"},
 }
+_HF_MODULES["gemma3"] = {**_HF_MODULES["gemma2"],  # Gemma 3 adds a per-head RMSNorm on q and k
+                         "blocks.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_norm",
+                         "blocks.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_norm"}
+# Gemma3ForConditionalGeneration files hold the text decoder under a prefix: "language_model.model." in the
+# hub files (and as transformers 5 save_pretrained writes them), "model.language_model." as the model names
+# them in memory (transformers' conversion_mapping.py "llava" renames the first to the second). Read as
+# "model." and "lm_head." here. Only the text decoder is read: the vision tower and the projector are
+# skipped by name (_VISION_PREFIXES).
+_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                  "language_model.lm_head.": "lm_head."}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.",
+                    "model.vision_tower.", "model.multi_modal_projector.")
+# Gemma 3 config.json files leave out keys at transformers' Gemma3TextConfig defaults (gemma-3-4b's
+# text_config names six keys), and those defaults differ from Gemma-2's: no soft-caps, two RoPE bases, ...
+_GEMMA3_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+    query_pre_attn_scalar=256, attention_bias=False,
+    attn_logit_softcapping=None, final_logit_softcapping=None,
+    sliding_window=4096, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, tie_word_embeddings=True,
+    pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
 @dataclass
 class Config:
-    arch: str                           # "gpt_neox" | "gemma2"
+    arch: str                           # "gpt_neox" | "gemma2" | "gemma3"
     n_layer: int
     d_model: int
     n_head: int
-    n_kv_head: int                      # < n_head: grouped-query attention (Gemma-2)
+    n_kv_head: int                      # < n_head: grouped-query attention (Gemma)
     head_dim: int
     d_mlp: int
     vocab_size: int
     norm_eps: float
     rotary_dim: int                     # Pythia rotates only the first rotary_pct of each head
-    rope_theta: float
-    gelu_approximate: str               # "none": exact erf GELU (Pythia); "tanh" (Gemma-2)
-    attn_scale: float                   # head_dim**-0.5; Gemma-2: query_pre_attn_scalar**-0.5
+    rope_theta: float                   # RoPE base; Gemma 3: of the global (full-attention) layers only
+    gelu_approximate: str               # "none": exact erf GELU (Pythia); "tanh" (Gemma)
+    attn_scale: float                   # head_dim**-0.5; Gemma: query_pre_attn_scalar**-0.5
     attn_bias: bool = True
     parallel_residual: bool = False     # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     tied_embeddings: bool = False
@@ -71,10 +96,17 @@ class Config:
     final_softcap: float | None = None  # Gemma-2: the same on the logits
     sliding_window: int | None = None
     sliding_layers: tuple = ()          # indices of the layers that use the sliding window
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (None: rope_theta)
+    rope_scale: float = 1.0             # Gemma 3 4B+: linear RoPE scaling (angles / factor), global layers
+    multimodal: bool = False            # Gemma3ForConditionalGeneration: tensor names carry a prefix
     bos_token_id: int | None = None
     eos_token_id: int | None = None     # the first one when config.json lists several
     pad_token_id: int | None = None
     special_ids: tuple = ()             # every distinct bos/eos/pad id in config.json
+
+    @property
+    def gemma(self):  # Gemma-2 and 3: RMSNorm (1 + w), sandwich norms, GeGLU, embeddings times sqrt(d)
+        return self.arch in ("gemma2", "gemma3")
 
 
 class Norm(nn.Module):
@@ -94,10 +126,11 @@ class Norm(nn.Module):
         return (h * (1.0 + self.weight.float())).type_as(x)
 
 
-def rotary_cos_sin(cfg, T, device, dtype):
-    """(T, rotary_dim) cos and sin; angles in fp32, then cast to the model dtype (as HF)."""
-    dims = torch.arange(0, cfg.rotary_dim, 2, device=device).float()
-    inv_freq = 1.0 / cfg.rope_theta ** (dims / cfg.rotary_dim)
+def rotary_cos_sin(rotary_dim, theta, scale, T, device, dtype):
+    """(T, rotary_dim) cos and sin for RoPE base theta; angles in fp32, then cast to the model dtype (as HF).
+    Linear scaling divides the frequencies by `scale`, as HF's _compute_linear_scaling_rope_parameters."""
+    dims = torch.arange(0, rotary_dim, 2, device=device).float()
+    inv_freq = 1.0 / theta ** (dims / rotary_dim) / scale
     angles = torch.arange(T, device=device).float()[:, None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -136,10 +169,15 @@ class Attention(nn.Module):
         # q, k, v in one matrix laid out [q heads | k heads | v heads]; load() converts HF's layouts
         self.qkv = nn.Linear(cfg.d_model, q + 2 * kv, bias=cfg.attn_bias)
         self.out = nn.Linear(q, cfg.d_model, bias=cfg.attn_bias)
+        if cfg.arch == "gemma3":  # RMSNorm (1 + w) over each head's q and k, before RoPE (HF Gemma3Attention)
+            self.q_norm = Norm(cfg.head_dim, cfg.norm_eps, rms=True)
+            self.k_norm = Norm(cfg.head_dim, cfg.norm_eps, rms=True)
 
     def forward(self, x, cos, sin, allowed):
         cfg, (B, T, _) = self.cfg, x.shape
         q, k, v = (t.view(B, T, -1, cfg.head_dim).transpose(1, 2) for t in self.qkv(x).split(self.sizes, -1))
+        if cfg.arch == "gemma3":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # GQA: each k/v head serves n_head // n_kv_head consecutive query heads (HF repeat_kv)
         k, v = (t.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1) for t in (k, v))
@@ -156,11 +194,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-NeoX: down(gelu(up(x))) with biases. Gemma-2 GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+    """GPT-NeoX: down(gelu(up(x))) with biases. Gemma GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
 
     def __init__(self, cfg):
         super().__init__()
-        gated = cfg.arch == "gemma2"
+        gated = cfg.gemma
         self.act = cfg.gelu_approximate
         self.gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False) if gated else None
         self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=not gated)
@@ -176,16 +214,16 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        rms = cfg.arch == "gemma2"
+        rms = cfg.gemma
         self.ln_attn, self.attn = Norm(cfg.d_model, cfg.norm_eps, rms), Attention(cfg)
         self.ln_mlp, self.mlp = Norm(cfg.d_model, cfg.norm_eps, rms), MLP(cfg)
-        if cfg.arch == "gemma2":  # Gemma-2 also normalizes each sublayer's output ("sandwich" norms)
+        if cfg.gemma:  # Gemma also normalizes each sublayer's output ("sandwich" norms)
             self.ln_attn_out = Norm(cfg.d_model, cfg.norm_eps, rms)
             self.ln_mlp_out = Norm(cfg.d_model, cfg.norm_eps, rms)
 
     def forward(self, x, cos, sin, allowed):
         attn = self.attn(self.ln_attn(x), cos, sin, allowed)
-        if self.cfg.arch == "gemma2":
+        if self.cfg.gemma:
             x = x + self.ln_attn_out(attn)
             return x + self.ln_mlp_out(self.mlp(self.ln_mlp(x)))
         if self.cfg.parallel_residual:  # both sublayers read the same x; HF's order of additions
@@ -201,7 +239,7 @@ class Transformer(nn.Module):
         self.special_ids = cfg.special_ids
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = Norm(cfg.d_model, cfg.norm_eps, cfg.arch == "gemma2")
+        self.ln_f = Norm(cfg.d_model, cfg.norm_eps, cfg.gemma)
         self.head = None if cfg.tied_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, idx, attention_mask=None):
@@ -240,17 +278,20 @@ class Transformer(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}) (vocab_size), "
                              f"got min {int(idx.min())}, max {int(idx.max())}")
         x = self.embed(idx)
-        if self.cfg.arch == "gemma2":  # HF scales by sqrt(d) rounded to the model dtype
+        if self.cfg.gemma:  # HF scales by sqrt(d) rounded to the model dtype
             x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype, device=x.device)
         return x
 
     def _run(self, x, layers, attention_mask):
-        """Blocks `layers` on the residual x; rotary angles and masks are built once per call."""
+        """Blocks `layers` on the residual x; rotary angles and masks are built once per call (Gemma 3: two
+        of each, for its sliding and its global layers)."""
         cfg, T = self.cfg, x.shape[1]
         if attention_mask is not None and attention_mask.shape != x.shape[:2]:
             raise ValueError(f"attention_mask must be (batch, seq) = {tuple(x.shape[:2])}, "
                              f"got {tuple(attention_mask.shape)}")
-        cos, sin = rotary_cos_sin(cfg, T, x.device, x.dtype)
+        rope = rotary_cos_sin(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scale, T, x.device, x.dtype)
+        local_rope = rope if cfg.rope_local_theta is None else rotary_cos_sin(
+            cfg.rotary_dim, cfg.rope_local_theta, 1.0, T, x.device, x.dtype)
         # no padding, no soft-cap, no window shorter than T: plain causal attention (None, see Attention)
         causal = attention_mask is None and cfg.attn_softcap is None
         full = None if causal else attention_allowed(T, attention_mask, None, x.device)
@@ -258,7 +299,8 @@ class Transformer(nn.Module):
         if cfg.sliding_layers and not (causal and T <= cfg.sliding_window):
             sliding = attention_allowed(T, attention_mask, cfg.sliding_window, x.device)
         for i in layers:
-            x = self.blocks[i](x, cos, sin, sliding if i in cfg.sliding_layers else full)
+            slides = i in cfg.sliding_layers
+            x = self.blocks[i](x, *(local_rope if slides else rope), sliding if slides else full)
         return x
 
     def _logits(self, x):
@@ -284,27 +326,59 @@ def read_config(path):
         return c[key]
 
     names = c.get("architectures") or []
-    arch = next((_ARCHITECTURES[name] for name in names if name in _ARCHITECTURES), None)
-    if arch is None:
+    name = next((name for name in names if name in _ARCHITECTURES), None)
+    if name is None:
         raise ValueError(f"{file}: architectures={names} is not supported; supported: {list(_ARCHITECTURES)}")
-    gemma = arch == "gemma2"
+    arch, multimodal = _ARCHITECTURES[name], name == _MULTIMODAL
+    if multimodal:  # the text decoder's keys sit under text_config; special ids and tying at the top level
+        if not isinstance(c.get("text_config"), dict):
+            raise ValueError(f"{file}: {name} without a text_config")
+        top = {key: c[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in c}
+        c = {**c["text_config"], **top, "tie_word_embeddings": c.get("tie_word_embeddings", True)}
+    if arch == "gemma3":  # fill Gemma 3's defaults first, so that none of Gemma-2's below applies
+        c = {**_GEMMA3_DEFAULTS, **c}
+        if c.get("use_bidirectional_attention"):
+            raise ValueError(f"{file}: use_bidirectional_attention (an embedding model) is not supported")
+    gemma = arch in ("gemma2", "gemma3")
     d, n_head, n_layer = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
     head_dim = c.get("head_dim") or d // n_head  # GPT-NeoX has no head_dim key
     # Rotary: the hub says rotary_pct + rotary_emb_base (Pythia) or rope_theta (Gemma-2); transformers
     # >= 5 writes rope_parameters {rope_theta, partial_rotary_factor}. Missing keys get HF's defaults.
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{file}: rope scaling {rope} is not supported")
-    theta = rope.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", 10000.0)))
+    # Gemma 3 has two bases: the hub says rope_theta (global layers) + rope_local_base_freq (sliding
+    # layers) + rope_scaling (global layers only); transformers >= 5 writes rope_parameters keyed by
+    # layer type, each entry {rope_type, rope_theta[, factor]}.
+    if arch == "gemma3":
+        rope = c.get("rope_parameters") or {}
+        rope_global = rope.get("full_attention") or c.get("rope_scaling") or {}
+        rope_local = rope.get("sliding_attention") or {}
+        theta = rope_global.get("rope_theta", c["rope_theta"])
+        local_theta = float(rope_local.get("rope_theta", c["rope_local_base_freq"]))
+    else:
+        rope = rope_global = rope_local = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", 10000.0)))
+        local_theta = None
+    kinds = [r.get("rope_type", r.get("type", "default")) for r in (rope_global, rope_local)]
+    linear = arch == "gemma3" and kinds == ["linear", "default"] and "factor" in rope_global
+    if kinds != ["default", "default"] and not linear:
+        bad = rope_global if kinds[0] != "default" else rope_local
+        raise ValueError(f"{file}: RoPE {bad} is not supported (only default RoPE, and linear scaling "
+                         f"with a factor on Gemma 3's global layers)")
+    scale = float(rope_global["factor"]) if linear else 1.0
     rotary_pct = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
-    if gemma:  # the hub file has both keys; HF's Gemma2 reads hidden_activation
+    if gemma:  # the hub file has both keys; HF's Gemma reads hidden_activation
         act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
     else:
         act = c.get("hidden_act", "gelu")
     if act not in _GELU:
         raise ValueError(f"{file}: activation {act!r} is not supported; supported: {list(_GELU)}")
-    # Gemma-2 hub files have no layer_types: HF's default slides on the even layers (0, 2, ...)
-    types = c.get("layer_types") or [("sliding_attention", "full_attention")[i % 2] for i in range(n_layer)]
+    # Gemma-2 hub files have no layer_types: HF's default slides on the even layers (0, 2, ...). Gemma 3's
+    # without layer_types (gemma-3-1b) give sliding_window_pattern: every Nth layer is global, as in HF's
+    # Gemma3TextConfig (which reads only that spelling; it writes _sliding_window_pattern beside layer_types).
+    types = c.get("layer_types")
+    if not types and arch == "gemma3":
+        pattern = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
+        types = [("sliding_attention", "full_attention")[(i + 1) % pattern == 0] for i in range(n_layer)]
+    types = types or [("sliding_attention", "full_attention")[i % 2] for i in range(n_layer)]
     if gemma and (len(types) != n_layer or not set(types) <= {"sliding_attention", "full_attention"}):
         raise ValueError(f"{file}: layer_types must list {n_layer} times sliding_attention or "
                          f"full_attention, got {types}")
@@ -317,6 +391,7 @@ def read_config(path):
         d_mlp=need("intermediate_size"), vocab_size=need("vocab_size"),
         norm_eps=c.get("rms_norm_eps", 1e-6) if gemma else c.get("layer_norm_eps", 1e-5),
         rotary_dim=head_dim if gemma else int(head_dim * rotary_pct), rope_theta=float(theta),
+        rope_local_theta=local_theta, rope_scale=scale, multimodal=multimodal,
         gelu_approximate=_GELU[act],
         attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5 if gemma else head_dim ** -0.5,
         attn_bias=c.get("attention_bias", not gemma),
@@ -332,12 +407,18 @@ def read_config(path):
 
 
 def hf_tensor_names(cfg, name):
-    """The HF tensor names our parameter `name` is read from (three for Gemma-2's fused q, k, v)."""
+    """The HF tensor names our parameter `name` is read from (three for Gemma's fused q, k, v)."""
     module, param = name.rsplit(".", 1)
     layer = module.split(".")[1] if module.startswith("blocks.") else None
     template = _HF_MODULES[cfg.arch][re.sub(r"^blocks\.\d+", "blocks.{i}", module)]
     templates = template if isinstance(template, tuple) else (template,)
     return [t.format(i=layer) + "." + param for t in templates]
+
+
+def text_decoder_name(name):
+    """A Gemma3ForConditionalGeneration tensor name as Gemma3ForCausalLM names it (see _TEXT_PREFIXES)."""
+    prefix = next((prefix for prefix in _TEXT_PREFIXES if name.startswith(prefix)), None)
+    return name if prefix is None else _TEXT_PREFIXES[prefix] + name[len(prefix):]
 
 
 def _open_safetensors(file):
@@ -378,11 +459,14 @@ def load(path, device="cpu", dtype=torch.float32):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     files, where = checkpoint_files(path)
+    stored = {name: name for name in where}  # name as hf_tensor_names spells it -> name in the file
+    if cfg.multimodal:  # the text decoder only: vision tensors are never read
+        stored = {text_decoder_name(name): name for name in where if not name.startswith(_VISION_PREFIXES)}
     with torch.device("meta"):  # no memory, no random init: load_state_dict(assign=True) fills it
         model = Transformer(cfg)
     sources = {name: hf_tensor_names(cfg, name) for name in model.state_dict()}
     wanted = {hf_name for names in sources.values() for hf_name in names}
-    extra = sorted(n for n in where if n not in wanted and not n.endswith(_SKIPPED_BUFFERS))
+    extra = sorted(stored[n] for n in stored if n not in wanted and not n.endswith(_SKIPPED_BUFFERS))
     if extra:
         raise ValueError(f"{where[extra[0]]}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected "
                          f"in all) for a {cfg.arch} model with n_layer={cfg.n_layer}: "
@@ -392,12 +476,13 @@ def load(path, device="cpu", dtype=torch.float32):
         rows = model.blocks[0].attn.sizes if len(sources[name]) == 3 else target.shape[:1]
         parts = []
         for hf_name, n_rows in zip(sources[name], rows):
-            if hf_name not in where:
+            if hf_name not in stored:
                 raise ValueError(f"tensor {hf_name!r} is missing from {', '.join(files)}")
-            with _open_safetensors(where[hf_name]) as f:
-                t = f.get_tensor(hf_name)
+            stored_name = stored[hf_name]
+            with _open_safetensors(where[stored_name]) as f:
+                t = f.get_tensor(stored_name)
             if t.shape != (n_rows, *target.shape[1:]):
-                raise ValueError(f"{where[hf_name]}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                raise ValueError(f"{where[stored_name]}: tensor {stored_name!r} has shape {tuple(t.shape)}, "
                                  f"config.json implies {(n_rows, *target.shape[1:])}")
             parts.append(t.to(device=device, dtype=dtype))
         if cfg.arch == "gpt_neox" and ".qkv." in name:

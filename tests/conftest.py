@@ -28,9 +28,20 @@ TINY_HUB_CONFIGS = {
         query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
         sliding_window=4, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64,
         pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.02, torch_dtype="float32"),
+    # as gemma-3-270m's: layer_types plus _sliding_window_pattern, two RoPE bases, caps null; the bases
+    # are far apart (and not HF's defaults 1e6 / 1e4) so that swapping or defaulting them shows
+    "gemma3": dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=96, hidden_size=32,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, attn_logit_softcapping=None,
+        final_logit_softcapping=None, sliding_window=4, _sliding_window_pattern=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, rope_theta=50.0, rope_local_base_freq=5000.0,
+        rope_scaling=None, rms_norm_eps=1e-6, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2, initializer_range=0.02, torch_dtype="float32"),
 }
 _SPECIAL_TOKENS = {"gpt_neox": ["<|endoftext|>", "<|padding|>"],
-                   "gemma2": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]}
+                   "gemma2": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
+                   "gemma3": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]}
 _WORDS = "the of and to in is was for on that with as by at from it an be this are or his".split()
 
 
@@ -58,8 +69,8 @@ def tiny(tmp_path_factory):
 def make_hf_model(tmp_path):
     """make_hf_model(arch, spelling="hub", shard_size=None, tokenizer=False, seed=0, **config) -> folder.
 
-    Builds a tiny random GPTNeoXForCausalLM / Gemma2ForCausalLM from TINY_HUB_CONFIGS[arch] updated
-    with `config` (hub key spelling), saves it with save_pretrained (safetensors; shards plus
+    Builds a tiny random GPTNeoXForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM from
+    TINY_HUB_CONFIGS[arch] updated with `config` (hub key spelling), saves it with save_pretrained (safetensors; shards plus
     model.safetensors.index.json when shard_size, e.g. "20KB"), and leaves config.json either as the
     hub spells it (spelling="hub") or as transformers writes it (spelling="new": rope_parameters,
     layer_types, ...). 1-D parameters (norm weights, biases) are randomized too, so that a wrong

@@ -1,4 +1,4 @@
-"""model.py checked against transformers on tiny random GPT-NeoX and Gemma-2 checkpoints.
+"""model.py checked against transformers on tiny random GPT-NeoX, Gemma-2 and Gemma 3 checkpoints.
 
 Each test builds a checkpoint with the make_hf_model fixture (tests/conftest.py), loads it with
 model.load, and compares with transformers' own model loaded from the same folder.
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
 
 import model
 
@@ -30,8 +30,16 @@ CASES = {  # name: (arch, config.json overrides in hub spelling)
                                               num_key_value_heads=1, initializer_range=0.2)),
     "gemma2-layer-types": ("gemma2", dict(sliding_window=3, rope_theta=100.0, layer_types=[
         "full_attention", "sliding_attention", "sliding_attention"])),
+    # layers sliding, global, sliding, global; window 4; 4 heads / 2 kv heads; RoPE bases 50 / 5000
+    "gemma3-gqa-window4": ("gemma3", dict()),
+    # gemma-3-1b's spelling: no layer_types, every 3rd layer global (sliding, sliding, global, sliding)
+    "gemma3-window-pattern-mqa": ("gemma3", dict(layer_types=None, sliding_window_pattern=3,
+                                                 num_key_value_heads=1)),
+    # gemma-3-4b's: linear scaling of the global layers' RoPE (the larger init makes positions matter more)
+    "gemma3-linear-rope": ("gemma3", dict(rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                          initializer_range=0.2)),
 }
-NEOX, GEMMA = "neox-sequential-rotary0.25", "gemma2-small-softcaps"
+NEOX, GEMMA, GEMMA3 = "neox-sequential-rotary0.25", "gemma2-small-softcaps", "gemma3-gqa-window4"
 
 
 def hf_reference(folder, dtype=torch.float32, attention="eager"):
@@ -42,7 +50,8 @@ def hf_reference(folder, dtype=torch.float32, attention="eager"):
 def hf_run(hf, idx, attention_mask=None):
     """HF logits, HF hidden_states, and the output of every decoder layer (via hooks: HF's last
     hidden_states entry has the final norm applied, so it is not the last block's residual)."""
-    layers = hf.gpt_neox.layers if hasattr(hf, "gpt_neox") else hf.model.layers
+    decoder = hf.gpt_neox if hasattr(hf, "gpt_neox") else getattr(hf.model, "language_model", hf.model)
+    layers = decoder.layers
     block_outputs = []
     hooks = [layer.register_forward_hook(lambda mod, args, out: block_outputs.append(
         out[0] if isinstance(out, tuple) else out)) for layer in layers]
@@ -107,7 +116,7 @@ def test_transformers_last_hidden_state_is_after_the_final_norm(make_hf_model):
         assert_close(m.ln_f(m.resid_post(idx, m.cfg.n_layer - 1)), hidden_states[-1])
 
 
-@pytest.mark.parametrize("case", [NEOX, GEMMA, "gemma2-no-softcap-sdpa"])
+@pytest.mark.parametrize("case", [NEOX, GEMMA, "gemma2-no-softcap-sdpa", GEMMA3, "gemma3-linear-rope"])
 def test_forward_from_resid_post_gives_the_logits(make_hf_model, case):
     arch, overrides = CASES[case]
     m = model.load(make_hf_model(arch, **overrides))
@@ -119,7 +128,7 @@ def test_forward_from_resid_post_gives_the_logits(make_hf_model, case):
                 assert_close(m.forward_from(resid, layer, mask), logits, mask, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["neox-parallel-rotary0.25", "gemma2-no-softcap-sdpa"])
+@pytest.mark.parametrize("case", ["neox-parallel-rotary0.25", "gemma2-no-softcap-sdpa", GEMMA3])
 def test_unpadded_fast_path_equals_the_explicit_mask(make_hf_model, case):
     """Without attention_mask (and without a soft-cap) SDPA runs with is_causal=True instead of a
     mask; an all-ones attention_mask takes the masked path. Gemma's window 4 < T still builds its mask."""
@@ -131,7 +140,7 @@ def test_unpadded_fast_path_equals_the_explicit_mask(make_hf_model, case):
             assert_close(m.resid_post(idx, layer), m.resid_post(idx, layer, torch.ones_like(idx)), atol=1e-5)
 
 
-@pytest.mark.parametrize("case", [NEOX, GEMMA, "gemma2-no-softcap-sdpa"])
+@pytest.mark.parametrize("case", [NEOX, GEMMA, "gemma2-no-softcap-sdpa", GEMMA3])
 def test_right_padding_leaves_real_tokens_unchanged_and_padding_finite(make_hf_model, case):
     arch, overrides = CASES[case]
     m = model.load(make_hf_model(arch, **overrides))
@@ -143,13 +152,13 @@ def test_right_padding_leaves_real_tokens_unchanged_and_padding_finite(make_hf_m
     assert_close(padded[1, :5], alone[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("case", [NEOX, GEMMA])
+@pytest.mark.parametrize("case", [NEOX, GEMMA, GEMMA3])
 def test_bfloat16_matches_transformers_in_bfloat16(make_hf_model, case):
     """bf16 rounds where HF rounds (RMSNorm and softmax in fp32, rotary angles cast to bf16, ...)."""
     arch, overrides = CASES[case]
     folder = make_hf_model(arch, **overrides)
     m = model.load(folder, device="auto", dtype="bfloat16")  # names work as well as torch dtypes
-    hf = hf_reference(folder, torch.bfloat16, "sdpa" if arch == "gpt_neox" else "eager")
+    hf = hf_reference(folder, torch.bfloat16, "eager" if m.cfg.attn_softcap else "sdpa")  # as our path
     idx, mask = batches()[1]
     logits, _, block_outputs = hf_run(hf, idx, mask)
     with torch.no_grad():
@@ -164,6 +173,87 @@ def test_bfloat16_matches_transformers_in_bfloat16(make_hf_model, case):
     assert ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
     assert_close(ours.float(), logits.float(), mask, atol=2**-9 * logits.abs().max().item())
     assert_close(ours.float(), full, mask, atol=0.05 * full.abs().max().item())  # loosely the fp32 result
+
+
+# ----------------------------------------------------------------------------- Gemma 3 configs and layouts
+
+def assert_matches_transformers(m, hf):
+    """Logits and every block's output, on every batch of batches()."""
+    for idx, mask in batches():
+        logits, _, block_outputs = hf_run(hf, idx, mask)
+        with torch.no_grad():
+            assert_close(m(idx, mask), logits, mask)
+            for layer in range(m.cfg.n_layer):
+                assert_close(m.resid_post(idx, layer, mask), block_outputs[layer], mask)
+
+
+def test_gemma3_keys_left_out_take_gemma3_defaults_not_gemma2s(make_hf_model):
+    """Hub Gemma 3 files leave out keys at transformers' defaults (global RoPE base 1e6, local 1e4, no
+    soft-caps, every 6th layer global, query_pre_attn_scalar 256, window 4096); Gemma-2's differ."""
+    folder = make_hf_model("gemma3", num_hidden_layers=6, layer_types=None)
+    shape_keys = ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({key: config[key] for key in shape_keys}))
+    m = model.load(folder)
+    cfg = m.cfg
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (1e6, 1e4)
+    assert cfg.attn_softcap is None and cfg.final_softcap is None
+    assert (cfg.sliding_layers, cfg.sliding_window, cfg.attn_scale) == ((0, 1, 2, 3, 4), 4096, 256 ** -0.5)
+    assert m.special_ids == (0, 1, 2)
+    assert_matches_transformers(m, hf_reference(folder))
+
+
+def test_gemma3_sliding_window_pattern_spellings(make_hf_model):
+    """Without layer_types every Nth layer is global: N from sliding_window_pattern (gemma-3-1b's file),
+    else from _sliding_window_pattern (what transformers writes beside layer_types), else 6."""
+    folder = make_hf_model("gemma3")  # 4 layers
+    config = json.loads((folder / "config.json").read_text())
+    del config["layer_types"], config["_sliding_window_pattern"]
+    for pattern, sliding in [({}, (0, 1, 2, 3)), ({"sliding_window_pattern": 3}, (0, 1, 3)),
+                             ({"_sliding_window_pattern": 2}, (0, 2))]:
+        (folder / "config.json").write_text(json.dumps({**config, **pattern}))
+        assert model.read_config(folder).sliding_layers == sliding
+
+
+def test_multimodal_gemma3_checkpoint_reads_its_text_decoder(tmp_path):
+    """Gemma3ForConditionalGeneration (gemma-3-4b and up): the decoder's config under text_config, as sparse
+    as gemma-3-4b's (defaults fill the rest; linear RoPE scaling), eos ids at the top level, the weights under
+    a language-model prefix beside a vision tower. We read the decoder and match transformers on text."""
+    text = dict(model_type="gemma3_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                sliding_window=4, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3", eos_token_id=[1, 7],
+                  mm_tokens_per_image=4, text_config=text, vision_config=vision)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(Gemma3Config.from_pretrained(hub))
+    with torch.no_grad():  # random norm weights, as make_hf_model
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(hub)  # as on the hub: language_model.model.*, vision_tower.*, multi_modal_projector.*
+    (hub / "config.json").write_text(json.dumps(config))
+    tensors = load_file(hub / "model.safetensors")
+    assert any(name.startswith("vision_tower.") for name in tensors)
+    m = model.load(hub)
+    assert m.cfg.multimodal and m.cfg.rope_scale == 8.0 and m.special_ids == (0, 1, 2, 7)
+    hf = Gemma3ForConditionalGeneration.from_pretrained(hub, attn_implementation="eager").eval()
+    assert_matches_transformers(m, hf)
+
+    # the same weights under transformers' in-memory names: model.language_model.*, model.vision_tower.*, ...
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "config.json").write_text(json.dumps(config))
+    save_file({"model." + name.replace("language_model.model.", "language_model.", 1): t
+               for name, t in tensors.items()}, renamed / "model.safetensors")
+    idx, mask = batches()[1]
+    with torch.no_grad():
+        assert torch.equal(model.load(renamed)(idx, mask), m(idx, mask))
 
 
 def test_sharded_checkpoint_with_index_loads(make_hf_model):
@@ -218,6 +308,19 @@ def test_unexpected_tensor_is_an_error(make_hf_model):
     folder = make_hf_model("gpt_neox")
     edit_config(folder, num_hidden_layers=2)  # the file still holds layer 2
     with pytest.raises(ValueError, match=r"model\.safetensors.*unexpected tensor 'gpt_neox\.layers\.2\."):
+        model.load(folder)
+
+
+@pytest.mark.parametrize("arch, rope", [
+    ("gemma3", dict(rope_scaling={"rope_type": "yarn", "factor": 8.0})),
+    ("gemma3", dict(rope_parameters={  # transformers 5 spelling; linear scaling on the sliding layers
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})),
+    ("gemma2", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}))])
+def test_unsupported_rope_is_one_clear_error(make_hf_model, arch, rope):
+    folder = make_hf_model(arch)
+    edit_config(folder, **rope)
+    with pytest.raises(ValueError, match=r"config\.json: RoPE .* is not supported \(only default RoPE"):
         model.load(folder)
 
 
@@ -280,6 +383,12 @@ def test_gemma_special_ids_and_valid_mask(make_hf_model):
     assert m.special_ids == (0, 1, 2)
     idx = torch.tensor([[2, 4, 9, 1, 0, 0]])
     assert m.valid_mask(idx).tolist() == [[False, True, True, False, False, False]]
+
+
+def test_gemma3_special_ids(make_hf_model):
+    m = model.load(make_hf_model("gemma3", eos_token_id=[1, 7]))  # Gemma 3 -it files list several eos ids
+    assert (m.cfg.bos_token_id, m.cfg.eos_token_id, m.cfg.pad_token_id) == (2, 1, 0)
+    assert m.special_ids == (0, 1, 2, 7)
 
 
 def test_a_list_of_eos_ids_is_all_special(make_hf_model):

@@ -563,8 +563,9 @@ def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens
         r = finish_core(sums[i])
         ce_clean, ce_zero, ce_sae = clean_ce / ce_tokens, zero_ce / ce_tokens, sae_ce[i] / ce_tokens
         kl_zero, kl_sae = zero_kl / kl_tokens, sae_kl[i] / kl_tokens
-        r.update(ce_tokens=int(ce_tokens), kl_tokens=int(kl_tokens), ce_loss_without_sae=ce_clean, ce_loss_with_sae=ce_sae,
-                 ce_loss_with_ablation=ce_zero, ce_loss_score=_ratio(ce_zero - ce_sae, ce_zero - ce_clean),
+        r.update(ce_tokens=int(ce_tokens), kl_tokens=int(kl_tokens), ce_loss_without_sae=ce_clean,
+                 ce_loss_with_sae=ce_sae, ce_loss_with_ablation=ce_zero,
+                 ce_loss_score=_ratio(ce_zero - ce_sae, ce_zero - ce_clean),
                  delta_lm_loss=ce_sae - ce_clean, kl_div_with_sae=kl_sae, kl_div_with_ablation=kl_zero,
                  kl_div_score=_ratio(kl_zero - kl_sae, kl_zero))
         if ce_zero == ce_clean or kl_zero == 0:
@@ -1133,8 +1134,8 @@ def run_tpp(llm, saes, cfg):
                                      cfg.scr_probe_batch, cfg.eval_seed) for c, (tr, te) in splits.items()}
         for i, sae in enumerate(saes):
             latents_train = mean_pool(train.acts, train.counts, sae, cfg.sae_batch_tokens)
-            latents_test = _ablation_latents(cfg, sae, mean_pool(test.acts, test.counts, sae, cfg.sae_batch_tokens),
-                                             test.counts)
+            latents_test = mean_pool(test.acts, test.counts, sae, cfg.sae_batch_tokens)
+            latents_test = _ablation_latents(cfg, sae, latents_test, test.counts)
             per_task[i][task[0]] = tpp_scores(probes, splits, test.pooled, latents_train, latents_test,
                                               sae.W_dec.detach().float().cpu(), cfg.ablation_ns)
         print(f"  TPP {task[0]}: done")
@@ -1168,8 +1169,8 @@ def encode_labels(labels):
 
 def stratified_folds(y, n_folds=6, seed=42):
     """The validation folds of sklearn's StratifiedKFold(n_folds, shuffle=True, random_state=seed),
-    which SAE-Probes' get_cv uses (utils_training.py; its OOD run passes seed 42), so the C it
-    picks is ours too. sklearn numbers the classes in order of first appearance, deals the sorted
+    which SAE-Probes' get_cv uses (utils_training.py: random_state 42 in the repository's OOD run,
+    the sae-probes package's seed, 42 from run_sae_eval), so the C it picks is ours too. sklearn numbers the classes in order of first appearance, deals the sorted
     class codes to the folds in turn (fold i's share of each class), and shuffles each class's list
     of fold numbers with one RandomState(seed), class after class (model_selection/_split.py,
     StratifiedKFold._make_test_folds)."""
@@ -1713,7 +1714,8 @@ def main(argv):
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {list(_RUNNERS)}")
     if cfg.ablation_positions not in _ABLATION_LABELS:
-        raise ValueError(f"ablation_positions must be one of {list(_ABLATION_LABELS)}, got {cfg.ablation_positions!r}")
+        raise ValueError(f"ablation_positions must be one of {list(_ABLATION_LABELS)}, "
+                         f"got {cfg.ablation_positions!r}")
     if {"scr", "tpp"} & set(cfg.metrics) and cfg.headline_n not in cfg.ablation_ns:
         raise ValueError(f"headline_n={cfg.headline_n} is not in ablation_ns={cfg.ablation_ns}")
     device = model_lib.resolve_device(cfg.device)

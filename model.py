@@ -1,7 +1,8 @@
 """Our own forward pass for GPT-NeoX (all Pythia sizes) and Gemma-2, read from a Hugging Face folder.
 
 One Transformer class covers both architectures; they differ only in Config fields. Every numerical
-choice mirrors transformers' GPTNeoXForCausalLM / Gemma2ForCausalLM; tests/test_model.py checks logits and every layer against transformers.
+choice mirrors transformers' GPTNeoXForCausalLM / Gemma2ForCausalLM; tests/test_model.py checks
+logits and every layer against transformers.
 
     import model
     m = model.load("data/tiny/model")          # config.json + *.safetensors, never pickle

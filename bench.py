@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -72,7 +71,7 @@ cache_dir = ""                     # where the random checkpoints are written on
 json_path = ""                     # write the table here too
 seed = 0
 
-_PYTHIA = dict(  # EleutherAI/pythia-160m-deduped's config.json (shared/reference/models.md)
+_PYTHIA = dict(  # EleutherAI/pythia-160m-deduped's config.json
     architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", vocab_size=50304, hidden_size=768,
     num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
     rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, layer_norm_eps=1e-5,
@@ -269,6 +268,7 @@ def main(argv):
     cfg = configurator.configure(globals(), argv, __doc__)
     if cfg.quick:
         vars(cfg).update(_QUICK)
+    cfg.device = model_lib.resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     if cfg.device == "cpu":
         train.keep_freed_memory()  # as train.py runs on a CPU; every row, ours and the references, gets it
@@ -311,4 +311,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    configurator.run(main)

@@ -17,6 +17,9 @@ Arguments are applied left to right:
 
 Unknown keys and wrong types are errors, so a typo never silently trains the wrong thing.
 An int is accepted where the default is a float; a setting whose default is None takes any value.
+A list whose default holds numbers or strings of one type takes elements of that type only
+(--ks=[0.5] is refused where ks defaults to [8, 16]), and a setting whose default is a non-empty
+string cannot be set empty (--out_dir= is an unset shell variable, not a folder).
 """
 import ast
 import io
@@ -87,10 +90,19 @@ def _check(key, value, default_values, source):
     if isinstance(default, float) and type(value) is int:
         return float(value)
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        kinds = {type(v) for v in default}
+        kind = kinds.pop() if len(kinds) == 1 else None
+        if kind in (int, float, str):
+            for v in value:
+                if not (type(v) is kind or (kind is float and type(v) is int)):
+                    raise ConfigError(f"{source}: '{key}' must list {kind.__name__} values like its "
+                                      f"default {default!r}, got {v!r} in {value!r}")
         return type(default)(value)
     if type(value) is not type(default):
         raise ConfigError(f"{source}: '{key}' must be {type(default).__name__} "
                           f"like its default {default!r}, got {value!r} ({type(value).__name__})")
+    if isinstance(default, str) and default and not value.strip():
+        raise ConfigError(f"{source}: '{key}' is empty; it needs a value like its default {default!r}")
     return value
 
 
@@ -124,7 +136,12 @@ def configure(namespace, argv, doc=""):
             except OSError as e:
                 raise ConfigError(f"cannot read config file '{arg}': {e.strerror}") from None
             scope = {}
-            exec(compile(source, arg, "exec"), scope)
+            try:
+                exec(compile(source, arg, "exec"), scope)
+            except SyntaxError as e:
+                raise ConfigError(f"config file '{arg}', line {e.lineno}: {e.msg}") from None
+            except Exception as e:  # a config file is the user's input: its error is one line too
+                raise ConfigError(f"config file '{arg}': {type(e).__name__}: {e}") from None
             for key, value in scope.items():
                 if key.startswith("_") or not isinstance(value, _PLAIN_TYPES):
                     continue

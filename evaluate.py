@@ -1,10 +1,14 @@
 """
 Evaluate sparse autoencoders with every metric the paper reports (arXiv 2604.06495 §3): core
 reconstruction (L0, explained variance, CE loss recovered), Mean Full Absorption, sparse probing,
-SCR, TPP, and OOD probing against a dense "oracle" probe. Each metric is the algorithm written down
-in /work/shared/reference/metrics.md (SAEBench v0.6.0 defaults; SAE-Probes for OOD), reimplemented
-with numpy and torch; "§N" below is that file's section N. Every metric is a function on
-activations and an SAE; main() loads the model, data and SAEs and composes them.
+SCR, TPP, and OOD probing against a dense "oracle" probe. Each metric is SAEBench v0.6.0's
+algorithm with its defaults (sae_bench/evals/<metric>/main.py), and SAE-Probes' for OOD
+(Kantamneni, Engels et al., arXiv 2502.16681), reimplemented with numpy and torch. "§N" names a
+section of this file: §0 what every metric shares (activations, pooling, probes), §1 core,
+§2 absorption, §3 sparse probing, §4 SCR, §5 TPP, §6 OOD, §7 the evaluation datasets; "§N.M" is
+step M of that metric, as its functions' docstrings spell it out. The README says where we still
+differ from SAEBench and why. Every metric is a function on activations and an SAE; main() loads
+the model, data and SAEs and composes them.
 
 Run (from the repository root):
   python evaluate.py out/tiny                                   # every SAE under out/tiny, offline
@@ -13,16 +17,17 @@ Run (from the repository root):
   python evaluate.py out/tiny --metrics="['core']" --rerun=True
 
 A positional folder is a run (one subfolder per SAE holding sae.safetensors + cfg.json, as
-train.py writes them) or a single SAE folder; every other argument goes to configurator.py
-(config files, --key=value). Model and layer come from each SAE's cfg.json, the core eval text
+train.py writes them) or a single SAE folder; config files (*.py) and --key=value go to
+configurator.py. Model and layer come from each SAE's cfg.json, the core eval text
 from tokens_dir (the SAE cfg's "tokens_dir" when it records one, else --tokens_dir or a config).
 
-Outputs: <sae>/eval.json (every number, the settings that produced it, and what was skipped), a
-table per run on stdout, and with two or more runs `comparison_file` (Markdown: metric x SAE, the
-first run against each other run, with deltas) plus a PNG of each metric against L0 next to it
-when matplotlib is installed. LLM activations are cached in `cache_dir`, keyed by the model, the
-layer and the exact token rows, so every SAE on one model/layer (and later runs) shares them;
-model-level probes are trained once per invocation and seeded, so reruns reproduce them.
+Outputs: <sae>/eval.json (every number, the settings that produced it, and what was skipped; a
+number that could not be computed is null, with its reason under "null_reasons"), a table per run
+on stdout, and with two or more runs `comparison_file` (Markdown: metric x SAE, the first run
+against each other run, with deltas) plus one PNG beside it, a grid with a panel per headline
+metric against L0, when matplotlib is installed. LLM activations are cached in `cache_dir`, keyed
+by the model, the layer and the exact token rows, so every SAE on one model/layer (and later runs)
+shares them; model-level probes are trained once per invocation and seeded, so reruns reproduce them.
 
 Data: one folder per dataset under `eval_data_dir` (e.g. data/eval/):
   <name>/train.jsonl, <name>/test.jsonl   one JSON object per line: {"text": str, "label": str,
@@ -47,7 +52,6 @@ import json
 import math
 import os
 import random
-import sys
 import sysconfig
 import time
 from types import SimpleNamespace
@@ -113,6 +117,9 @@ scr_probe_batch = 16               # controls how much of the spurious signal th
 tpp_tasks = [("stdlib_docs", "stdlib_docs", ["asyncio", "email", "importlib", "logging", "tkinter"])]
 ablation_ns = [2, 5, 10, 20, 50, 100, 500]
 headline_n = 20
+ablation_positions = "valid"       # "valid": ablate at a text's valid positions only (§4.4, our
+                                   # default); "saebench": reproduce SAEBench's figure, whose zeroed
+                                   # BOS/pad rows are still encoded, so a latent firing on 0 shifts them
 # OOD probing (§6): (task name, ID file, OOD file), paths under eval_data_dir
 ood_tasks = [("stdlib_kind_upper", "stdlib_kind/id.jsonl", "stdlib_kind/ood_upper.jsonl"),
              ("stdlib_kind_reversed", "stdlib_kind/id.jsonl", "stdlib_kind/ood_reversed.jsonl")]
@@ -131,6 +138,31 @@ def _progress(desc, done, total, t0):
     step = max(1, total // 10)
     if done == total or done % step == 0:
         print(f"  {desc}: {done}/{total} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def json_ready(value):
+    """A copy of a result that json.dumps can write as standard JSON: a float that is not finite
+    (NaN, inf) becomes null, and the dict holding it lists why under "null_reasons": the reason
+    the metric gave, else what the value was. Returns (copy, whether anything was nulled)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, True
+    if isinstance(value, (list, tuple)):
+        items = [json_ready(v) for v in value]
+        return [v for v, _ in items], any(nulled for _, nulled in items)
+    if not isinstance(value, dict):
+        return value, False
+    given = value.get("null_reasons", {})
+    out, reasons = {}, {}
+    for key, v in value.items():
+        if key == "null_reasons":
+            continue
+        out[key], nulled = json_ready(v)
+        if nulled:
+            reasons[key] = given.get(key, f"not a finite number ({v})" if isinstance(v, float)
+                                     else "holds numbers that are not finite, written as null")
+    if reasons:
+        out["null_reasons"] = reasons
+    return out, False
 
 
 def _write_atomic(path, data):
@@ -474,11 +506,16 @@ def finish_core(sums):
     }
 
 
-def _next_token_sums(logprobs, idx, mask, clean_logprobs):
-    """Σ over masked positions of next-token CE, and of KL(p_clean ‖ p) (§1.7). mask (B, T-1)."""
-    logprobs, clean = logprobs[:, :-1][mask], clean_logprobs[:, :-1][mask]
-    ce = -logprobs.gather(1, idx[:, 1:][mask][:, None]).sum()
-    kl = (clean.exp() * (clean - logprobs)).sum()
+def _next_token_sums(logprobs, idx, valid, clean_logprobs):
+    """(Σ next-token CE, Σ KL(p_clean ‖ p)) over the valid positions (§1.7), valid (B, T).
+    The CE at t scores token t+1, so the last position has none and drops out of the CE only;
+    the KL compares two distributions and counts at every valid position, the last included, as
+    SAEBench does (sae_bench/evals/core/main.py, get_downstream_reconstruction_metrics: it
+    shortens the mask by one only for the metric that is one position shorter, the CE)."""
+    ce_mask = valid[:, :-1]
+    ce = -logprobs[:, :-1][ce_mask].gather(1, idx[:, 1:][ce_mask][:, None]).sum()
+    clean = clean_logprobs[valid]
+    kl = (clean.exp() * (clean - logprobs[valid])).sum()
     return ce.item(), kl.item()
 
 
@@ -491,7 +528,7 @@ def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens
     device = next(m.parameters()).device
     ce_rows = len(rows) if ce_rows is None else ce_rows
     sums = [new_core_sums(m.cfg.d_model, sae.W_dec.shape[0]) for sae in saes]
-    clean_ce = zero_ce = zero_kl = ce_tokens = 0.0
+    clean_ce = zero_ce = zero_kl = ce_tokens = kl_tokens = 0.0
     sae_ce, sae_kl = [0.0] * len(saes), [0.0] * len(saes)
     n_batches, t0 = math.ceil(len(rows) / batch_rows), time.time()
     for b, start in enumerate(range(0, len(rows), batch_rows)):
@@ -502,11 +539,11 @@ def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens
         with_ce = start < ce_rows
         if with_ce:
             clean = F.log_softmax(m.forward_from(resid, layer).float(), -1)
-            loss_mask = valid[:, :-1]  # loss at t predicts t+1; counted where t is valid (§1.7)
-            ce_tokens += loss_mask.sum().item()
-            clean_ce += _next_token_sums(clean, idx, loss_mask, clean)[0]
+            ce_tokens += valid[:, :-1].sum().item()  # loss at t predicts t+1; counted where t is valid
+            kl_tokens += valid.sum().item()
+            clean_ce += _next_token_sums(clean, idx, valid, clean)[0]
             zero = F.log_softmax(m.forward_from(torch.zeros_like(resid), layer).float(), -1)
-            ce, kl = _next_token_sums(zero, idx, loss_mask, clean)
+            ce, kl = _next_token_sums(zero, idx, valid, clean)
             zero_ce, zero_kl = zero_ce + ce, zero_kl + kl
             del zero
         for i, sae in enumerate(saes):
@@ -518,20 +555,29 @@ def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens
                 spliced = resid.clone()
                 spliced[valid] = x_hat.to(resid.dtype)
                 logprobs = F.log_softmax(m.forward_from(spliced, layer).float(), -1)
-                ce, kl = _next_token_sums(logprobs, idx, loss_mask, clean)
+                ce, kl = _next_token_sums(logprobs, idx, valid, clean)
                 sae_ce[i], sae_kl[i] = sae_ce[i] + ce, sae_kl[i] + kl
         _progress("core", b + 1, n_batches, t0)
     results = []
     for i in range(len(saes)):
         r = finish_core(sums[i])
         ce_clean, ce_zero, ce_sae = clean_ce / ce_tokens, zero_ce / ce_tokens, sae_ce[i] / ce_tokens
-        kl_zero, kl_sae = zero_kl / ce_tokens, sae_kl[i] / ce_tokens
-        r.update(ce_tokens=int(ce_tokens), ce_loss_without_sae=ce_clean, ce_loss_with_sae=ce_sae,
-                 ce_loss_with_ablation=ce_zero, ce_loss_score=(ce_zero - ce_sae) / (ce_zero - ce_clean),
+        kl_zero, kl_sae = zero_kl / kl_tokens, sae_kl[i] / kl_tokens
+        r.update(ce_tokens=int(ce_tokens), kl_tokens=int(kl_tokens), ce_loss_without_sae=ce_clean,
+                 ce_loss_with_sae=ce_sae, ce_loss_with_ablation=ce_zero,
+                 ce_loss_score=_ratio(ce_zero - ce_sae, ce_zero - ce_clean),
                  delta_lm_loss=ce_sae - ce_clean, kl_div_with_sae=kl_sae, kl_div_with_ablation=kl_zero,
-                 kl_div_score=(kl_zero - kl_sae) / kl_zero)
+                 kl_div_score=_ratio(kl_zero - kl_sae, kl_zero))
+        if ce_zero == ce_clean or kl_zero == 0:
+            r["null_reasons"] = {key: "zero-ablating the layer leaves the model's output unchanged here, "
+                                      "so recovered = 0/0" for key in ("ce_loss_score", "kl_div_score")}
         results.append(r)
     return results
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator, NaN for 0/0-style cases (eval.json then says why: json_ready)."""
+    return numerator / denominator if denominator != 0 else float("nan")
 
 
 def core_rows(llm, cfg):
@@ -772,6 +818,10 @@ def run_absorption(llm, saes, cfg):
         r = aggregate_absorption(per_letter, cfg.absorption_probe_f1_gate)
         r["one_minus_mean_full_absorption"] = 1 - r["mean_full_absorption_score"]
         r["n_letters_kept"] = len(r["letters_kept"])
+        if not r["letters_kept"]:
+            r["null_reasons"] = {key: f"no letter's ground-truth probe reaches F1 > {cfg.absorption_probe_f1_gate}"
+                                 for key in ("mean_full_absorption_score", "mean_absorption_fraction_score",
+                                             "mean_num_split_features", "one_minus_mean_full_absorption")}
         r["letters_skipped_too_few_tokens"] = skipped
         r["prompts_dropped"] = dropped
         r["per_letter"] = {_LETTERS[c]: v for c, v in per_letter.items()}
@@ -925,6 +975,29 @@ def ablate(pooled_x, pooled_latents, W_dec, chosen):
     return pooled_x - pooled_latents[:, chosen].double() @ W_dec[chosen].double()
 
 
+def saebench_ablation_latents(sae, latents, counts, ctx, batch_tokens=4096):
+    """The pooled latents SAEBench's ablation effectively removes (ablation_positions="saebench").
+    SAEBench pads every text to ctx positions, sets the BOS/EOS/pad rows to zero vectors and still
+    encodes and decodes them when it ablates (scr_and_tpp/main.py, ablated_precomputed_activations:
+    decode(f with S zeroed) + error at every row, summed, divided by the valid count). A zero row
+    then adds −Σ_{f∈S} a_f(0)·W_dec[f]: the SAE's latents on the zero vector count ctx − n_valid
+    times per text. Pooled latents (n_texts, F) plus that share of encode(0) give the same x'."""
+    zero = encode(sae, torch.zeros(1, sae.W_dec.shape[1]), batch_tokens)[0].double()
+    share = (ctx - counts).clamp(min=0).double() / counts.clamp(min=1).double()
+    return (latents.double() + share[:, None] * zero).float()
+
+
+def _ablation_latents(cfg, sae, latents, counts):
+    """The test texts' pooled latents that ablate() subtracts, as ablation_positions asks."""
+    if cfg.ablation_positions == "saebench":
+        return saebench_ablation_latents(sae, latents, counts, cfg.probing_ctx, cfg.sae_batch_tokens)
+    return latents
+
+
+_ABLATION_LABELS = {"valid": "ablated at valid positions only (definition)",
+                    "saebench": "SAEBench's figure: zeroed BOS/pad rows encoded and ablated too"}
+
+
 def train_scr_probe(x_train, y_train, x_test, y_test, batch_size=16, seed=0):
     """§4: Linear(d, 1), AdamW lr 1e-3, BCE + 1e-3·Σ|w|, 20 epochs, best test epoch (optimistic,
     as SAEBench). Returns (w, b)."""
@@ -1009,7 +1082,8 @@ def run_scr(llm, saes, cfg):
                   for key, (tr, te) in splits.items()}
         for i, sae in enumerate(saes):
             latents = {s: mean_pool(*acts[s], sae, cfg.sae_batch_tokens) for s in ("train", "test")}
-            per_run[i][name] = scr_scores(probes, splits, pooled["test"], latents["train"], latents["test"],
+            ablated = _ablation_latents(cfg, sae, latents["test"], acts["test"][1])
+            per_run[i][name] = scr_scores(probes, splits, pooled["test"], latents["train"], ablated,
                                           sae.W_dec.detach().float().cpu(), cfg.ablation_ns)
         print(f"  SCR {name}: done")
     results = []
@@ -1017,6 +1091,8 @@ def run_scr(llm, saes, cfg):
         r = {f"scr_metric_n{n}": float(np.mean([v[n]["scr"] for v in runs.values()]))
              for n in cfg.ablation_ns}
         r["scr_metric"] = r.get(f"scr_metric_n{cfg.headline_n}", float("nan"))
+        r["headline_n"] = cfg.headline_n
+        r["ablation_positions"] = _ABLATION_LABELS[cfg.ablation_positions]
         r["note"] = "probes keep their best *test* epoch (optimistic, as SAEBench)"
         r["per_run"] = {name: {str(n): v for n, v in scores.items()} for name, scores in runs.items()}
         results.append(r)
@@ -1059,6 +1135,7 @@ def run_tpp(llm, saes, cfg):
         for i, sae in enumerate(saes):
             latents_train = mean_pool(train.acts, train.counts, sae, cfg.sae_batch_tokens)
             latents_test = mean_pool(test.acts, test.counts, sae, cfg.sae_batch_tokens)
+            latents_test = _ablation_latents(cfg, sae, latents_test, test.counts)
             per_task[i][task[0]] = tpp_scores(probes, splits, test.pooled, latents_train, latents_test,
                                               sae.W_dec.detach().float().cpu(), cfg.ablation_ns)
         print(f"  TPP {task[0]}: done")
@@ -1069,6 +1146,8 @@ def run_tpp(llm, saes, cfg):
             for key in ("tpp", "intended", "unintended"):
                 r[f"{key}_n{n}"] = float(np.mean([t[n][key] for t in tasks.values()]))
         r["tpp_metric"] = r.get(f"tpp_n{cfg.headline_n}", float("nan"))
+        r["headline_n"] = cfg.headline_n
+        r["ablation_positions"] = _ABLATION_LABELS[cfg.ablation_positions]
         r["note"] = "probes keep their best *test* epoch (optimistic, as SAEBench)"
         r["per_task"] = {name: {str(n): v for n, v in scores.items()} for name, scores in tasks.items()}
         results.append(r)
@@ -1088,10 +1167,30 @@ def encode_labels(labels):
     return np.array([code[v] for v in labels]), classes
 
 
+def stratified_folds(y, n_folds=6, seed=42):
+    """The validation folds of sklearn's StratifiedKFold(n_folds, shuffle=True, random_state=seed),
+    which SAE-Probes' get_cv uses (utils_training.py: random_state 42 in the repository's OOD run,
+    the sae-probes package's seed, 42 from run_sae_eval), so the C it picks is ours too. sklearn numbers the classes in order of first appearance, deals the sorted
+    class codes to the folds in turn (fold i's share of each class), and shuffles each class's list
+    of fold numbers with one RandomState(seed), class after class (model_selection/_split.py,
+    StratifiedKFold._make_test_folds)."""
+    _, first, codes = np.unique(np.asarray(y), return_index=True, return_inverse=True)
+    encoded = np.argsort(np.argsort(first))[codes]  # class codes by order of first appearance
+    dealt = np.sort(encoded)
+    share = np.array([np.bincount(dealt[i::n_folds], minlength=len(first)) for i in range(n_folds)])
+    rng = np.random.RandomState(seed)
+    fold_of = np.empty(len(encoded), dtype=np.int64)
+    for c in range(len(first)):
+        folds_of_class = np.repeat(np.arange(n_folds), share[:, c])
+        rng.shuffle(folds_of_class)
+        fold_of[encoded == c] = folds_of_class
+    return [np.flatnonzero(fold_of == i) for i in range(n_folds)]
+
+
 def validation_splits(y, seed=42):
     """§6.5 validation for find_best_reg, as SAE-Probes' get_cv / get_splits: n ≥ 128 holds out
-    the last min(20%, 100) rows; 12 < n < 128 uses 6-fold stratified CV (shuffled, seed 42);
-    smaller n leaves two out. CV folds whose validation part lacks a class are dropped."""
+    the last min(20%, 100) rows; 12 < n < 128 uses sklearn's 6-fold stratified CV (shuffled,
+    seed 42); smaller n leaves two out. Folds whose validation part lacks a class are dropped."""
     y = np.asarray(y)
     n = len(y)
     if n >= 128:
@@ -1099,9 +1198,7 @@ def validation_splits(y, seed=42):
         return [(np.arange(n - n_val), np.arange(n - n_val, n))]
     everything = np.arange(n)
     if n > 12:
-        rng = np.random.default_rng(seed)
-        per_class = [np.array_split(rng.permutation(np.flatnonzero(y == c)), 6) for c in np.unique(y)]
-        folds = [np.sort(np.concatenate(parts)) for parts in zip(*per_class)]
+        folds = stratified_folds(y, 6, seed)
     else:
         folds = [np.array([i, j]) for i in range(n) for j in range(i + 1, n)]
     return [(np.setdiff1d(everything, fold), fold) for fold in folds if len(np.unique(y[fold])) == 2]
@@ -1118,6 +1215,9 @@ def find_best_reg(x, y, penalty="l2", grid=tuple(np.logspace(5, -5, 10))):
         for C in grid:
             aucs = []
             for train_idx, val_idx in folds:
+                if len(np.unique(y[train_idx])) < 2:  # SAE-Probes scores a one-class fit 0.5
+                    aucs.append(0.5)
+                    continue
                 w, b = logistic_regression(x[train_idx], y[train_idx], C=C, penalty=penalty)
                 aucs.append(roc_auc((x[val_idx] @ w + b).numpy(), y[val_idx]))
             scores.append(np.mean(aucs) if aucs and not np.isnan(aucs).any() else -1.0)
@@ -1419,17 +1519,31 @@ _HEADLINE = [  # (label, metric, key, ↑ better / ↓)
     ("Absorption fraction", "absorption", "mean_absorption_fraction_score", "↓"),
     ("Sparse probing top-1", "sparse_probing", "sae_top_1_test_accuracy", "↑"),
     ("Sparse probing top-5", "sparse_probing", "sae_top_5_test_accuracy", "↑"),
-    ("SCR (N=headline_n)", "scr", "scr_metric", "↑"),
-    ("TPP (N=headline_n)", "tpp", "tpp_metric", "↑"),
+    ("SCR (N={n}{how})", "scr", "scr_metric", "↑"),
+    ("TPP (N={n}{how})", "tpp", "tpp_metric", "↑"),
     ("OOD SAE AUC (k=128)", "ood", "sae_auc_k128", "↑"),
     ("OOD gap to oracle (k=128)", "ood", "gap_k128", "↓"),
 ]
 
 
 def headline(result):
-    """(label, value) of the headline metrics an eval.json holds."""
-    return [(f"{label} {arrow}".strip(), result[metric][key]) for label, metric, key, arrow in _HEADLINE
-            if isinstance(result.get(metric), dict) and key in result[metric]]
+    """(label, value) of the headline metrics an eval.json holds; value None where the metric
+    could not be computed (null in eval.json, its reason under "null_reasons"). SCR/TPP labels
+    carry their N, and say so when the ablation reproduced SAEBench's figure, not the definition."""
+    rows = []
+    for label, metric, key, arrow in _HEADLINE:
+        r = result.get(metric)
+        if not isinstance(r, dict) or key not in r:
+            continue
+        n = r.get("headline_n", result.get("settings", {}).get("headline_n"))
+        how = ", SAEBench ablation" if r.get("ablation_positions") == _ABLATION_LABELS["saebench"] else ""
+        rows.append((f"{label.format(n=n, how=how)} {arrow}".strip(), r[key]))
+    return rows
+
+
+def headline_labels(results):
+    """The headline labels present in any of these eval.json dicts, in _HEADLINE order."""
+    return list(dict.fromkeys(label for r in results for label, _ in headline(r)))
 
 
 def _fmt(value):
@@ -1438,7 +1552,7 @@ def _fmt(value):
 
 def run_table(run, results):
     """A Markdown table: one row per SAE, the headline metrics as columns."""
-    labels = list(dict.fromkeys(label for r in results.values() for label, _ in headline(r)))
+    labels = headline_labels(results.values())
     lines = [f"| SAE | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
     for name, r in results.items():
         values = dict(headline(r))
@@ -1453,15 +1567,14 @@ def comparison_table(runs):
     base = runs[names[0]]
     header = "| metric | SAE | " + " | ".join([names[0]] + [f"{n} | Δ" for n in names[1:]]) + " |"
     lines = [header, "|---" * (2 + 1 + 2 * (len(names) - 1)) + "|"]
-    for label, _, _, arrow in _HEADLINE:
-        full = f"{label} {arrow}".strip()
+    for full in headline_labels(r for results in runs.values() for r in results.values()):
         for sae_name in base:
             values = [dict(headline(runs[n].get(sae_name, {}))) for n in names]
             if full not in values[0]:
                 continue
             cells = [_fmt(values[0].get(full))]
             for v in values[1:]:
-                delta = (v[full] - values[0][full]) if full in v else None
+                delta = v[full] - values[0][full] if None not in (v.get(full), values[0][full]) else None
                 cells += [_fmt(v.get(full)), _fmt(delta)]
             lines.append(f"| {full} | {sae_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -1477,13 +1590,14 @@ def plot_comparison(runs, path):
     except ImportError:
         print("note: matplotlib is not installed, no plot written")
         return
-    labels = [f"{label} {arrow}".strip() for label, _, _, arrow in _HEADLINE[1:]]
-    cols, rows = 4, math.ceil(len(labels) / 4)
+    labels = [label for label in headline_labels(r for results in runs.values() for r in results.values())
+              if label != "L0"]
+    cols, rows = 4, max(1, math.ceil(len(labels) / 4))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows))
     for ax, label in zip(axes.flat, labels):
         for run, results in runs.items():
             values = [dict(headline(r)) for r in results.values()]
-            points = sorted((v["L0"], v[label]) for v in values if "L0" in v and label in v)
+            points = sorted((v["L0"], v[label]) for v in values if None not in (v.get("L0"), v.get(label)))
             if points:
                 ax.plot(*zip(*points), marker="o", label=run)
         ax.set_title(label, fontsize=9)
@@ -1515,8 +1629,7 @@ def find_sae_dirs(run):
     if not found:
         raise FileNotFoundError(f"{run}: no sae.safetensors in it or in its subfolders")
     def target_k(folder):
-        with open(os.path.join(folder, "cfg.json")) as f:
-            return json.load(f).get("k") or 0
+        return sae_lib.read_cfg(folder)["k"] or 0
     return sorted(found, key=lambda d: (target_k(d), d))
 
 
@@ -1554,7 +1667,7 @@ def load_sae(path, d_model, cfg, device):
     norms = sae.W_dec.detach().float().norm(dim=1)
     if (norms - 1).abs().max() > 1e-2:  # §0: every metric assumes unit-norm decoder rows
         raise ValueError(f"{path}: decoder rows are not unit norm (norms from {norms.min():.4f} to "
-                         f"{norms.max():.4f}); the metrics assume ‖W_dec[f]‖ = 1 (metrics.md §0)")
+                         f"{norms.max():.4f}); the metrics assume ‖W_dec[f]‖ = 1 (§0)")
     return sae
 
 
@@ -1579,28 +1692,37 @@ def evaluate_group(cfg, model_dir, layer, tokens_dir, sae_dirs, device):
         print(f"--- {name} ({len(pending)} SAE(s))")
         torch.manual_seed(cfg.eval_seed)
         for d, sae, r in zip(pending, saes, _RUNNERS[name](llm, saes, cfg)):
-            results[d][name] = r
+            results[d][name] = json_ready(r)[0]  # eval.json stays JSON: null + a reason, never NaN
             results[d].update(sae=d, model_dir=model_dir, layer=layer, sae_cfg=sae.cfg,
                               settings=configurator.defaults(vars(cfg)))
-            _write_atomic(os.path.join(d, "eval.json"), json.dumps(results[d], indent=1))
+            _write_atomic(os.path.join(d, "eval.json"), json.dumps(results[d], indent=1, allow_nan=False))
         print(f"--- {name}: {time.time() - t0:.0f} s")
     return results
 
 
 def main(argv):
-    runs = [a for a in argv if os.path.isdir(a)]
-    cfg = configurator.configure(globals(), [a for a in argv if not os.path.isdir(a)], __doc__)
+    # a positional argument is a config file (*.py) or a run folder, which must exist
+    runs = [a for a in argv if not a.startswith("-") and not a.endswith(".py")]
+    cfg = configurator.configure(globals(), [a for a in argv if a not in runs], __doc__)
     if not runs:
         raise ValueError("usage: python evaluate.py [config.py] [--key=value ...] out/<run> [out/<run> ...]")
+    for run in runs:
+        if not os.path.isdir(run):
+            raise FileNotFoundError(f"{run}: no such run folder (a folder of SAEs from train.py, or one "
+                                    "SAE's folder; config files end in .py)")
     unknown = set(cfg.metrics) - set(_RUNNERS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {list(_RUNNERS)}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.ablation_positions not in _ABLATION_LABELS:
+        raise ValueError(f"ablation_positions must be one of {list(_ABLATION_LABELS)}, "
+                         f"got {cfg.ablation_positions!r}")
+    if {"scr", "tpp"} & set(cfg.metrics) and cfg.headline_n not in cfg.ablation_ns:
+        raise ValueError(f"headline_n={cfg.headline_n} is not in ablation_ns={cfg.ablation_ns}")
+    device = model_lib.resolve_device(cfg.device)
     groups = {}
     for run in runs:
         for d in find_sae_dirs(run):
-            with open(os.path.join(d, "cfg.json")) as f:
-                sae_cfg = json.load(f)
+            sae_cfg = sae_lib.read_cfg(d)
             recorded = (sae_cfg.get("model"), sae_cfg.get("layer"))
             chosen = (cfg.model_dir or recorded[0], cfg.layer if cfg.layer >= 0 else recorded[1])
             if None in chosen:
@@ -1630,4 +1752,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    configurator.run(main)

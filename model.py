@@ -30,6 +30,8 @@ _GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}  # HF activation name -> F
 # Buffers that older GPT-NeoX checkpoints saved; we recompute masks and rotary angles instead.
 _SKIPPED_BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
 _HINT = "run `python prepare.py --model=...` to download or build the model folder"
+_POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings", "sliding_window")
 _HF_MODULES = {  # our module -> HF module (checkpoint tensor names without .weight / .bias)
     "gpt_neox": {
         "embed": "gpt_neox.embed_in", "ln_f": "gpt_neox.final_layer_norm", "head": "embed_out",
@@ -317,8 +319,16 @@ def read_config(path):
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found: not a Hugging Face model folder; {_HINT}")
-    with open(file) as f:
-        c = json.load(f)
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); {_HINT}") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(c).__name__}; {_HINT}")
+    for key in _POSITIVE_INTS:  # a size written as "128" would fail deep inside torch
+        if key in c and c[key] is not None and (type(c[key]) is not int or c[key] <= 0):
+            raise ValueError(f"{file}: {key!r} must be a positive integer, got {c[key]!r}")
 
     def need(key):
         if key not in c:
@@ -452,11 +462,30 @@ def checkpoint_files(path):
     return files, where
 
 
+def resolve_device(device):
+    """A device setting as torch names it: "auto" is cuda when a GPU is visible, else cpu. A GPU
+    this torch cannot use is refused here, in one line, not deep inside the first .to()."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: this torch {torch.__version__} sees no CUDA GPU "
+                             "(a CPU-only build, or no GPU visible): use --device=cpu or --device=auto")
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"device {device!r}: only {count} CUDA GPU(s) visible")
+    return device
+
+
 def load(path, device="cpu", dtype=torch.float32):
     """Transformer from a local HF folder: config.json + model.safetensors, or shards + index.
     device "auto" means cuda when available; dtype is a torch dtype (or its name, e.g. "bfloat16")."""
     cfg = read_config(path)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     files, where = checkpoint_files(path)
     stored = {name: name for name in where}  # name as hf_tensor_names spells it -> name in the file
@@ -481,6 +510,9 @@ def load(path, device="cpu", dtype=torch.float32):
             stored_name = stored[hf_name]
             with _open_safetensors(where[stored_name]) as f:
                 t = f.get_tensor(stored_name)
+            if not t.dtype.is_floating_point:  # a cast would turn quantised codes into nonsense
+                raise ValueError(f"{where[stored_name]}: tensor {stored_name!r} is {t.dtype}; this project "
+                                 f"reads floating-point weights only (no quantised checkpoints)")
             if t.shape != (n_rows, *target.shape[1:]):
                 raise ValueError(f"{where[stored_name]}: tensor {stored_name!r} has shape {tuple(t.shape)}, "
                                  f"config.json implies {(n_rows, *target.shape[1:])}")

@@ -50,7 +50,7 @@ import configurator
 model = "tiny"                  # hub repo id, local folder, or "tiny" (random GPT-NeoX, offline)
 model_dir = "data/tiny/model"   # the local hub-layout folder every stage loads the model from
 revision = "main"               # hub branch, tag or commit (Pythia checkpoints: "step143000")
-# text (paper.md §5, default 8: monology/pile-uncopyrighted, field "text")
+# text (README, choices where the paper is silent: monology/pile-uncopyrighted, field "text")
 dataset = "stdlib"              # hub dataset repo id, local file or folder, or "stdlib" (offline)
 data_files = "train/*"          # hub dataset: the repo files to read (glob), in sorted order
 text_field = "text"             # the field holding a document in .jsonl and .parquet files
@@ -62,7 +62,7 @@ seed = 0                        # the tiny model's random weights
 _MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json"]
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
-_TINY_CONFIG = {  # hub spelling, as in Pythia's config.json (models.md), scaled down
+_TINY_CONFIG = {  # hub spelling, as in Pythia's config.json, scaled down
     "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 128,
     "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512, "rotary_pct": 0.25,
     "rotary_emb_base": 10000, "use_parallel_residual": True, "hidden_act": "gelu",
@@ -82,7 +82,11 @@ def load_tokenizer(model_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run prepare.py (with your config) to fetch "
                                 f"the model and its tokenizer into {model_dir}")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+        raise ValueError(f"{path} is not a readable tokenizer.json ({e}); fetch the model again "
+                         "with prepare.py") from None
 
 
 def single_token_id(tokenizer, text):
@@ -100,7 +104,7 @@ def single_token_id(tokenizer, text):
 
 def open_tokens(tokens_dir, split="train"):
     """(read-only np.memmap of the split's token ids, meta dict). Reopen it now and then in long
-    loops: a memmap held for hours keeps its pages resident (nanoGPT, training.md §4)."""
+    loops: a memmap held for hours keeps its pages resident (nanoGPT does the same)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     meta_path = os.path.join(tokens_dir, "meta.json")
@@ -220,6 +224,9 @@ def convert_bin_to_safetensors(bin_path):
         raise ValueError(f"refusing to load {bin_path}: it holds more than tensors, and running "
                          f"arbitrary pickled code is not something a weights file should need "
                          f"({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not any(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{bin_path} holds a {type(state).__name__}, not a state dict of named tensors: "
+                         "not a model checkpoint")
     tensors, storages = {}, set()
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):
@@ -392,7 +399,7 @@ def read_documents(dataset, data_files, text_field):
 
 def tokenized_documents(documents, tokenizer, eos_token_id, dtype):
     """Each non-empty document's ids followed by EOS. No BOS: train.py starts every row with one
-    (paper.md §5, default 9). encode_batch tokenizes a batch of documents on all cores."""
+    (see the README's choices). encode_batch tokenizes a batch of documents on all cores."""
     batch, chars = [], 0
     for text in itertools.chain(documents, [None]):  # None: the end, flush the last batch
         if text:

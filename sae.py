@@ -457,30 +457,48 @@ def save(sae, folder):
     _write_atomic(os.path.join(folder, "cfg.json"), json.dumps(sae.cfg, indent=2).encode())
 
 
-def load(path, device="cpu"):
-    """Load an SAE saved by save(); path is its folder or its sae.safetensors file. The arch is
-    read from cfg.json and never defaulted, so a TopK SAE cannot load as ReLU (SAELens#308)."""
-    path = os.fspath(path)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    weights_path = path if path.endswith(".safetensors") else os.path.join(folder, "sae.safetensors")
+def read_cfg(folder):
+    """folder/cfg.json as save() writes it, checked: the keys load() needs, of usable types."""
     cfg_path = os.path.join(folder, "cfg.json")
-    for p in (weights_path, cfg_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"no SAE file at {p}")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no SAE file at {cfg_path}")
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     for key in ("arch", "d_in", "d_sae", "k", "group_sizes", "scale"):
         if key not in cfg:
             raise ValueError(f"{cfg_path}: missing key '{key}'")
     if cfg["arch"] not in ARCHS:
         raise ValueError(f"{cfg_path}: unknown arch '{cfg['arch']}', expected one of {ARCHS}")
-    if cfg["arch"] != "relu" and not (isinstance(cfg["k"], int) and cfg["k"] > 0):
-        raise ValueError(f"{cfg_path}: arch '{cfg['arch']}' needs a positive integer k, got {cfg['k']!r}")
-    if sum(cfg["group_sizes"]) != cfg["d_sae"] or min(cfg["group_sizes"]) <= 0:
-        raise ValueError(f"{cfg_path}: group_sizes {cfg['group_sizes']} do not split d_sae={cfg['d_sae']}")
+    for key in ("d_in", "d_sae"):
+        if type(cfg[key]) is not int or cfg[key] <= 0:
+            raise ValueError(f"{cfg_path}: '{key}' must be a positive integer, got {cfg[key]!r}")
+    if cfg["arch"] != "relu" and not (type(cfg["k"]) is int and 0 < cfg["k"] <= cfg["d_sae"]):
+        raise ValueError(f"{cfg_path}: arch '{cfg['arch']}' needs an integer k in [1, d_sae={cfg['d_sae']}], "
+                         f"got {cfg['k']!r}")
+    sizes = cfg["group_sizes"]
+    if (not isinstance(sizes, list) or not sizes or any(type(g) is not int or g <= 0 for g in sizes)
+            or sum(sizes) != cfg["d_sae"]):
+        raise ValueError(f"{cfg_path}: group_sizes {sizes} do not split d_sae={cfg['d_sae']}")
+    return cfg
+
+
+def load(path, device="cpu"):
+    """Load an SAE saved by save(); path is its folder or its sae.safetensors file. The arch is
+    read from cfg.json and never defaulted, so a TopK SAE cannot load as ReLU (SAELens#308).
+    Weights stored in another float dtype (fp16, bf16, fp64: another tool's export) are converted
+    to the float32 the SAE computes in, with a note; integer weights (quantised or not weights at
+    all) and non-finite ones are refused, since every number computed from them would be wrong."""
+    path = os.fspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    weights_path = path if path.endswith(".safetensors") else os.path.join(folder, "sae.safetensors")
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no SAE file at {weights_path}")
+    cfg = read_cfg(folder)
     try:
         tensors = safetensors.torch.load_file(weights_path)
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
@@ -496,7 +514,19 @@ def load(path, device="cpu"):
                              f"cfg.json (d_in={cfg['d_in']}, d_sae={cfg['d_sae']}) implies {tuple(shape)}")
     for name in tensors.keys() - expected.keys():
         raise ValueError(f"{weights_path}: unexpected tensor '{name}'")
-    sae.load_state_dict(tensors)
+    converted = set()
+    for name, t in tensors.items():
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{weights_path}: tensor '{name}' is {t.dtype}; SAE weights must be floating "
+                             "point (a quantised or damaged file?)")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{weights_path}: tensor '{name}' holds {int((~torch.isfinite(t)).sum())} "
+                             "NaN/inf values: the SAE diverged or the file is damaged")
+        if t.dtype != torch.float32:
+            converted.add(str(t.dtype).removeprefix("torch."))
+    if converted:
+        print(f"note: {weights_path} stores {'/'.join(sorted(converted))} weights; converted to float32")
+    sae.load_state_dict(tensors)  # copies into the float32 parameters
     return sae.to(device)
 
 

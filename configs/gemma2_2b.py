@@ -1,4 +1,4 @@
-# The paper's Gemma-2-2B setup (arXiv 2604.06495 §2; ../shared/reference/paper.md):
+# The paper's Gemma-2-2B setup (arXiv 2604.06495 §2; the README lists our choices where it is silent):
 # Matryoshka BatchTopK, 4096 latents, L0 in {20, 40, 80, 160}, 500M tokens, layer 12, p = 0.3.
 # google/gemma-2-2b is gated: accept the license on its hub page and export HF_TOKEN first.
 #   python prepare.py configs/gemma2_2b.py

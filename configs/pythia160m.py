@@ -1,4 +1,4 @@
-# The paper's Pythia-160M setup (arXiv 2604.06495 §2; ../shared/reference/paper.md):
+# The paper's Pythia-160M setup (arXiv 2604.06495 §2; the README lists our choices where it is silent):
 # Matryoshka BatchTopK, 4096 latents, L0 in {20, 40, 80, 160}, 500M tokens, layer 8, p = 0.3.
 #   python prepare.py configs/pythia160m.py
 #   python train.py configs/pythia160m.py                                          # masked
@@ -8,7 +8,7 @@
 # prepare.py: the hub model and the training text
 model = "EleutherAI/pythia-160m-deduped"
 model_dir = "data/pythia-160m-deduped"
-dataset = "monology/pile-uncopyrighted"   # Pile family, as the paper's "Pile-CC" (paper.md §5.8)
+dataset = "monology/pile-uncopyrighted"   # Pile family, as the paper's "Pile-CC" (README: choices)
 tokens_dir = "data/pile-pythia"
 max_tokens = 520_000_000                  # 500M for training + a margin; wraps around if short
 

@@ -1,4 +1,4 @@
-# evaluate.py on SAEBench's datasets (v0.6.0 defaults; ../shared/reference/metrics.md §3-§8) instead of
+# evaluate.py on SAEBench's datasets (SAEBench v0.6.0 defaults, evaluate.py §3-§7) instead of
 # the offline stdlib ones. Add it after a model's config:
 #   python evaluate.py configs/pythia160m.py configs/saebench.py out/pythia160m_p0 out/pythia160m_p0.3
 # The hub datasets are fetched once into eval_data_dir (needs network and `pip install pyarrow`).

@@ -13,7 +13,7 @@ import torch
 # Tiny models: extra threads only spin on a shared machine (one thread ran tests/test_model.py 6x faster).
 torch.set_num_threads(1)
 
-# Tiny configs written as the hub's config.json files are (shared/reference/models.md), scaled down.
+# Tiny configs written as the hub's config.json files are (EleutherAI/pythia-*, google/gemma-2-*), scaled down.
 TINY_HUB_CONFIGS = {
     "gpt_neox": dict(
         architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", vocab_size=96, hidden_size=32,

@@ -126,6 +126,28 @@ def test_ce_loss_recovered_zero_output_sae_is_zero(tiny_model):
     assert r["l0"] == 0 and r["frac_alive"] == 0
 
 
+def test_kl_counts_every_valid_position_while_the_ce_drops_the_last(tiny_model):
+    """SAEBench's core eval shortens only the CE mask (no next token at the last position); the KL
+    compares two distributions and is averaged over every valid position, the last included."""
+    m = tiny_model
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(1, 96, (4, 9), generator=gen)
+    rows[:, 0] = 0  # BOS
+    W_dec = torch.nn.functional.normalize(torch.randn(16, 32, generator=gen), dim=1)
+    lossy = relu_sae(0.5 * torch.randn(32, 16, generator=gen), W_dec)
+    r = ev.core_metrics(m, 1, [lossy], rows.numpy(), batch_rows=4)[0]
+    with torch.no_grad():
+        resid, valid = m.resid_post(rows, 1), m.valid_mask(rows)
+        spliced = resid.clone()
+        spliced[valid] = lossy.decode(lossy.encode(resid[valid]))
+        clean = torch.log_softmax(m.forward_from(resid, 1), -1)
+        with_sae = torch.log_softmax(m.forward_from(spliced, 1), -1)
+        kl = (clean.exp() * (clean - with_sae)).sum(-1)
+    assert r["kl_tokens"] == 4 * 8 and r["ce_tokens"] == 4 * 7
+    assert r["kl_div_with_sae"] == pytest.approx(kl[valid].mean().item(), rel=1e-5)
+    assert r["kl_div_with_sae"] != pytest.approx(kl[:, :-1][valid[:, :-1]].mean().item(), rel=1e-3)
+
+
 def test_residuals_drop_special_and_padding_positions(tiny_model):
     rows = [[0, 5, 6, 7], [0, 8], [0, 9, 0, 10]]  # BOS, padding, and an EOS mid-row
     acts, counts = ev.residuals(tiny_model, rows, 1, batch_rows=2)
@@ -473,6 +495,68 @@ def test_tpp_ablating_one_class_latent_hurts_only_its_probe():
         assert r[n]["tpp"] == pytest.approx(1 - 12 / 18)
 
 
+def test_saebench_ablation_reproduces_encoding_the_zeroed_padding_rows():
+    """ablation_positions="saebench": SAEBench pads each text to ctx rows, zeroes BOS/pad rows and
+    still encodes them when ablating (scr_and_tpp/main.py, ablated_precomputed_activations). Here
+    that computation is done per row, literally, and compared with the pooled shortcut."""
+    gen = torch.Generator().manual_seed(4)
+    d, F_, ctx = 6, 10, 8
+    W_dec = torch.nn.functional.normalize(torch.randn(F_, d, generator=gen), dim=1)
+    b_enc = torch.zeros(F_)
+    b_enc[[1, 4]] = 0.7  # latents 1 and 4 fire on the zero vector
+    sae = relu_sae(torch.randn(d, F_, generator=gen), W_dec, b_enc=b_enc)
+    counts = torch.tensor([3, 7, 5])  # valid positions per text; the rest of ctx is BOS/padding
+    acts = torch.randn(int(counts.sum()), d, generator=gen)
+    chosen = torch.tensor([1, 2, 4])
+    expected = []
+    for text in acts.split(counts.tolist()):
+        rows = torch.cat([text, torch.zeros(ctx - len(text), d)])  # zeroed rows, still encoded
+        with torch.no_grad():
+            f = sae.encode(rows)
+            error = rows - sae.decode(f)
+            f[:, chosen] = 0
+            expected.append((sae.decode(f) + error).sum(0) / len(text))
+    pooled_x, latents = ev.mean_pool(acts, counts), ev.mean_pool(acts, counts, sae)
+    saebench = ev.saebench_ablation_latents(sae, latents, counts, ctx)
+    got = ev.ablate(pooled_x, saebench, W_dec, chosen)
+    assert torch.allclose(got.float(), torch.stack(expected), atol=1e-5)
+    definition = ev.ablate(pooled_x, latents, W_dec, chosen)  # the default: valid positions only
+    assert not torch.allclose(definition.float(), torch.stack(expected), atol=1e-3)
+
+
+def test_headline_labels_name_n_and_the_ablation_used():
+    result = {"scr": {"scr_metric": 0.25, "headline_n": 20,
+                      "ablation_positions": ev._ABLATION_LABELS["valid"]},
+              "tpp": {"tpp_metric": 0.1, "headline_n": 50,
+                      "ablation_positions": ev._ABLATION_LABELS["saebench"]},
+              "core": {"l0": 8.0, "ce_loss_score": None}}  # null in eval.json: shown as —
+    assert ev.headline(result) == [("L0", 8.0), ("CE loss recovered ↑", None), ("SCR (N=20) ↑", 0.25),
+                                   ("TPP (N=50, SAEBench ablation) ↑", 0.1)]
+
+
+def test_eval_json_holds_null_and_a_reason_never_nan(tmp_path, monkeypatch):
+    """json.dumps writes NaN as a bare NaN, which is not JSON: a metric that could not be computed
+    is written as null, with the metric's reason or what the value was."""
+    folder = tmp_path / "k4"
+    sae_lib.save(sae_lib.SAE(8, 16, arch="batchtopk", k=4, model="m", layer=0), str(folder))
+    nan = float("nan")
+    monkeypatch.setattr(ev, "load_llm", lambda *args: SimpleNamespace(m=SimpleNamespace(cfg=SimpleNamespace(d_model=8))))
+    monkeypatch.setitem(ev._RUNNERS, "core", lambda llm, saes, cfg: [
+        {"l0": 4.0, "ce_loss_score": nan, "null_reasons": {"ce_loss_score": "0/0"},
+         "per_task": {"a": {"auc": float("inf")}}, "curve": [0.5, nan]}])
+    cfg = configurator.configure(vars(ev), ["--metrics=['core']"])
+    ev.evaluate_group(cfg, "m", 0, "", [str(folder)], "cpu")
+    text = (folder / "eval.json").read_text()
+
+    def refuse(constant):
+        raise AssertionError(f"eval.json holds {constant}")
+
+    core = json.loads(text, parse_constant=refuse)["core"]
+    assert core["ce_loss_score"] is None and core["null_reasons"]["ce_loss_score"] == "0/0"
+    assert core["per_task"]["a"] == {"auc": None, "null_reasons": {"auc": "not a finite number (inf)"}}
+    assert core["curve"] == [0.5, None] and "curve" in core["null_reasons"] and core["l0"] == 4.0
+
+
 # ----------------------------------------------------------------------------- §6 OOD
 
 def test_label_encoding_is_sorted_like_label_encoder():
@@ -494,6 +578,27 @@ def test_find_best_reg_validation_rules():
     assert all(len(np.intersect1d(t, v)) == 0 and len(t) + len(v) == 60 for t, v in folds)
     # n ≤ 12: leave two out, only pairs holding both classes
     assert len(ev.validation_splits(np.array([0, 0, 1, 1, 1]))) == 2 * 3
+
+
+def test_cv_folds_are_sklearns_stratified_kfold_as_sae_probes_uses_it():
+    """12 < n < 128: SAE-Probes' get_cv is StratifiedKFold(6, shuffle=True, random_state=42). Its
+    folds, traced by hand from sklearn's _make_test_folds: classes numbered by first appearance
+    (label 1 first here), sorted codes dealt to folds 0..5 (fold 0 gets two 1s and one 0), each
+    class's fold numbers shuffled by RandomState(42): [0 0 4 1 3 2 5] for rows 0-6, then
+    [3 0 1 2 5 4] for rows 7-12."""
+    y = np.array([1] * 7 + [0] * 6)
+    folds = [v.tolist() for _, v in ev.validation_splits(y)]
+    assert folds == [[0, 1, 8], [3, 9], [5, 10], [4, 7], [2, 12], [6, 11]]
+
+
+def test_cv_folds_match_sklearn_when_it_is_installed():
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    rng = np.random.default_rng(5)
+    for n in (13, 40, 77, 127):
+        y = (rng.random(n) < rng.uniform(0.2, 0.8)).astype(int)
+        theirs = [val.tolist() for _, val in model_selection.StratifiedKFold(6, shuffle=True, random_state=42).split(y, y)
+                  if len(np.unique(y[val])) == 2]
+        assert [v.tolist() for _, v in ev.validation_splits(y)] == theirs
 
 
 def test_ood_probes_on_a_planted_shift():
@@ -521,6 +626,26 @@ def test_comparison_table_pairs_saes_and_reports_deltas():
     table = ev.comparison_table(runs)
     assert "| EV (global) ↑ | k8 | 0.8000 | 0.7500 | -0.0500 |" in table
     assert "| L0 | k8 | 8.0000 | 8.1000 | 0.1000 |" in table
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readers_are_not_sent_outside_the_repository():
+    """A clone has no notes beside it and no machine paths: what a reader needs is in the repo."""
+    files = ["README.md", "evaluate.py", "model.py", "prepare.py", "bench.py", "configurator.py"]
+    files += [os.path.join("configs", name) for name in os.listdir(os.path.join(ROOT, "configs"))]
+    for name in files:
+        text = open(os.path.join(ROOT, name), encoding="utf-8").read()
+        for outside in ("../shared", "shared/reference", "/work/", "paper.md", "metrics.md", "training.md",
+                        "models.md"):
+            assert outside not in text, f"{name} points at {outside}"
+
+
+def test_readme_promises_the_plot_evaluate_writes_and_git_ignores_exports():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "PNG per metric" not in readme and "`out/comparison.png` (one grid" in readme
+    assert "'export/k20'" in readme and "export/" in open(os.path.join(ROOT, ".gitignore")).read().split()
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -557,4 +682,7 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "cache")) == cached  # the second run reused every activation
     table = open(tmp_path / "comparison.md").read()
     assert "| Mean full absorption ↓ | k4 |" in table and "mask_prob 0.3" in table
+    assert "| SCR (N=20) ↑ | k4 |" in table and "| TPP (N=20) ↑ | k4 |" in table
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["comparison.png"]  # one grid, as the README says
+    assert result["scr"]["ablation_positions"] == result["tpp"]["ablation_positions"] == ev._ABLATION_LABELS["valid"]
     assert "tiny model" in capsys.readouterr().out

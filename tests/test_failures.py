@@ -14,7 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import configurator
+import evaluate
 import model as model_lib
+import prepare
+import sae as sae_lib
 import train
 from test_train import fast_settings
 
@@ -101,6 +105,61 @@ def test_hooked_layer_beyond_the_model_and_unknown_settings(tiny, tmp_path):
     config.write_text("layer = 2\nmask_prop = 0.3\n")
     assert_one_clear_error(run_script("train.py", config), "unknown setting 'mask_prop'")
     assert not (tmp_path / "o").exists()
+
+
+def one_line_error(main, argv, monkeypatch, capsys, *fragments):
+    """Run main as its script does (configurator.run) and check the user sees one line, no traceback."""
+    monkeypatch.setattr(sys, "argv", ["script.py", *map(str, argv)])
+    monkeypatch.delenv("TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        configurator.run(main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err and err.count("error:") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_evaluate_and_bench_report_user_errors_in_one_line(tmp_path):
+    assert_one_clear_error(run_script("evaluate.py", tmp_path / "no_such_run"), "no_such_run: no such run folder")
+    assert_one_clear_error(run_script("bench.py", "--quik=True"), "unknown setting 'quik'")
+
+
+def test_evaluate_names_a_broken_model_or_sae_file(tiny, tmp_path, monkeypatch, capsys):
+    model_dir = tmp_path / "model"
+    os.system(f"cp -r {tiny}/model {model_dir}")
+    run = tmp_path / "run"
+    sae_lib.save(sae_lib.SAE(128, 64, arch="batchtopk", k=4, model=str(model_dir), layer=1), str(run / "k4"))
+    args = [run, f"--tokens_dir={tiny}/tokens", f"--cache_dir={tmp_path}/cache", "--metrics=['core']"]
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "hidden_size": "128"}))
+    one_line_error(evaluate.main, args, monkeypatch, capsys, "'hidden_size' must be a positive integer, got '128'")
+    (model_dir / "config.json").write_text(json.dumps(config)[:-5])
+    one_line_error(evaluate.main, args, monkeypatch, capsys, f"{model_dir}/config.json: not valid JSON")
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    one_line_error(evaluate.main, args, monkeypatch, capsys, f"{model_dir}/tokenizer.json is not a readable tokenizer.json")
+    if not torch.cuda.is_available():
+        one_line_error(evaluate.main, args + ["--device=cuda"], monkeypatch, capsys, "sees no CUDA GPU")
+    (run / "k4" / "cfg.json").write_text("{'k': 4}")
+    one_line_error(evaluate.main, args, monkeypatch, capsys, f"{run}/k4/cfg.json: not valid JSON")
+
+
+def test_bad_settings_and_files_for_train_and_prepare_are_one_line(tiny, tmp_path, monkeypatch, capsys):
+    one_line_error(train.main, fast_settings(tiny, tmp_path / "o", "--ks=[0.5]"), monkeypatch, capsys,
+                   "'ks' must list int values like its default [8, 16], got 0.5")
+    one_line_error(train.main, fast_settings(tiny, tmp_path / "o", "--out_dir="), monkeypatch, capsys,
+                   "'out_dir' is empty")
+    config = tmp_path / "typo.py"
+    config.write_text("layer = = 2\n")
+    one_line_error(train.main, [config], monkeypatch, capsys, f"config file '{config}', line 1: invalid syntax")
+    assert not (tmp_path / "o").exists()
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (source / name).write_bytes((tiny / "model" / name).read_bytes())
+    torch.save([1, 2, 3], source / "pytorch_model.bin")  # loads under weights_only, but is no state dict
+    one_line_error(prepare.main, [f"--model={source}", f"--model_dir={tmp_path}/model", f"--tokens_dir={tmp_path}/t"],
+                   monkeypatch, capsys, "pytorch_model.bin holds a list, not a state dict")
 
 
 # --- failures in the middle of a run: the last good checkpoint survives -------------------------

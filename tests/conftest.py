@@ -61,7 +61,8 @@ def tiny(tmp_path_factory):
     """The embedded offline default (prepare.py: tiny random GPT-NeoX + stdlib tokens), shrunk."""
     import prepare
     folder = tmp_path_factory.mktemp("tiny")
-    prepare.main([f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000"])
+    prepare.main([f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000",
+                  "--eval_sets=[]"])
     return folder
 
 

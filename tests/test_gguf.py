@@ -148,7 +148,7 @@ def assert_matches_transformers(model_dir, reference):
     expected = ref_config.to_dict()
     for key in set(config) | set(expected):
         if key not in ("_name_or_path", "_model_name_or_path", "architectures", "dtype",
-                       "unk_token_id"):  # names and the GGUF-only unk id
+                       "unk_token_id", "quantization_config"):  # names, GGUF-only bookkeeping
             assert config.get(key) == expected.get(key), key
     tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     for text in [TEXT] + TEXT.split("\n"):

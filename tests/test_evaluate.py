@@ -117,13 +117,42 @@ def test_ce_loss_recovered_identity_sae_is_one_and_matches_the_plain_forward(tin
     assert r["ce_tokens"] == 6 * 10
 
 
+def greedy_rows(m, n, length, seed):
+    """Rows the model itself continues greedily: its clean loss is low, so zero-ablating a layer
+    raises it and "recovered" is defined (a random model on random tokens can be better ablated)."""
+    torch.manual_seed(seed)
+    rows = torch.randint(1, 96, (n, 1))
+    while rows.shape[1] < length:
+        logits = m(rows)[:, -1]
+        logits[:, 0] = float("-inf")  # no special token: the SAE replaces every position
+        rows = torch.cat([rows, logits.argmax(-1, keepdim=True)], 1)
+    return rows
+
+
 def test_ce_loss_recovered_zero_output_sae_is_zero(tiny_model):
-    torch.manual_seed(1)
-    rows = torch.randint(1, 96, (4, 10))  # no special token: the SAE replaces every position
+    rows = greedy_rows(tiny_model, 4, 10, seed=1)
     r = ev.core_metrics(tiny_model, 1, [zero_sae(32)], rows.numpy(), batch_rows=4)[0]
+    assert r["ce_loss_with_ablation"] > r["ce_loss_without_sae"]
     assert r["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
     assert r["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
     assert r["l0"] == 0 and r["frac_alive"] == 0
+
+
+def test_ce_loss_recovered_is_left_out_when_ablation_does_not_raise_the_loss(tiny_model):
+    """Zero-ablating the last layer gives uniform logits (ln_f of 0 with no bias is 0), loss ln 96;
+    a sharpened random head makes the clean loss far worse, so "recovered" would be meaningless."""
+    m = tiny_model
+    with torch.no_grad():
+        m.ln_f.bias.zero_()
+        m.head.weight.mul_(30)
+    torch.manual_seed(2)
+    rows = torch.randint(1, 96, (4, 10))
+    r = ev.core_metrics(m, 2, [identity_sae(32)], rows.numpy(), batch_rows=4)[0]
+    assert r["ce_loss_with_ablation"] == pytest.approx(math.log(96), rel=1e-5)
+    assert r["ce_loss_with_ablation"] < r["ce_loss_without_sae"]
+    assert math.isnan(r["ce_loss_score"]) and "does not raise" in r["null_reasons"]["ce_loss_score"]
+    assert r["delta_lm_loss"] == pytest.approx(0.0, abs=1e-5)  # the other core numbers stay
+    assert ev.json_ready(r)[0]["ce_loss_score"] is None
 
 
 def test_kl_counts_every_valid_position_while_the_ce_drops_the_last(tiny_model):

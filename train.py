@@ -274,8 +274,8 @@ def check_resume_config(cfg, saved):
 
 def lr_at(step, total_steps, cfg):
     """Linear warmup, constant, linear decay to 0 from decay_start * total (training.md §1.13)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step < cfg.warmup_steps:  # lr 0 at step 0, as dictionary_learning's LambdaLR gives
+        return cfg.lr * step / cfg.warmup_steps  # (trainers/trainer.py v0.1.0 line 155: step / warmup_steps)
     decay_from = int(cfg.decay_start * total_steps)
     if step >= decay_from:
         return cfg.lr * (total_steps - step) / max(1, total_steps - decay_from)
@@ -285,9 +285,16 @@ def lr_at(step, total_steps, cfg):
 def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
     """One training step of one SAE on x, and its bookkeeping: the dead counters `dead` (tokens
     since each latent last fired, §1.9) and the inference threshold (§1.11). Returns the stats."""
-    # aux-k needs dead latents, and none can be dead before dead_tokens have been seen
-    dead_mask = dead >= cfg.dead_tokens if (step + 1) * cfg.batch_size > cfg.dead_tokens else None
-    l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)  # the ReLU arch's L1 warm-up (§2)
+    # The latents dead after this batch unless it fires them: training_loss drops those it fires
+    # before aux-k, so a latent joins aux-k on the step it reaches dead_tokens and leaves it on the
+    # step it fires, as in dictionary_learning (trainers/matryoshka_batch_top_k.py v0.1.0 lines
+    # 297-302: the counters take the batch before get_auxiliary_loss reads them). With DDP a rank
+    # sees only its own part of the batch firing; the counters below take the whole batch's.
+    # None skips aux-k while no latent can be dead yet.
+    dead_mask = (dead + cfg.batch_size >= cfg.dead_tokens
+                 if (step + 1) * cfg.batch_size >= cfg.dead_tokens else None)
+    # the ReLU arch's L1 warm-up (§2), 0 at step 0 (trainers/trainer.py v0.1.0 line 193)
+    l1_scale = min(1.0, step / cfg.l1_warmup_steps)
     with autocast:
         loss, stats, _ = loss_fn(x, dead_mask, l1_scale)
     loss.backward()
@@ -310,7 +317,9 @@ def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
         fired = fired.bool()
     dead += cfg.batch_size
     dead.masked_fill_(fired, 0)  # not dead[fired] = 0: boolean indexing syncs with the GPU
-    if step >= cfg.threshold_start and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
+    # the EMA starts after threshold_start, as dictionary_learning's `step > threshold_start_step`
+    # (trainers/matryoshka_batch_top_k.py v0.1.0 line 270)
+    if step > cfg.threshold_start and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
         min_act = stats["min_act"]
         if world > 1:
             dist.all_reduce(min_act, op=dist.ReduceOp.MIN)

@@ -70,7 +70,8 @@ warmup_steps = 100                 # paper recipe: 1000
 decay_start = 0.8                  # linear decay to 0 over the last 20% of steps
 grad_clip = 1.0
 l1_warmup_steps = 500              # relu arch: L1 coefficient ramps up over these steps
-dead_tokens = 1_000_000            # a latent unseen for this many tokens is dead (paper: 10M)
+dead_tokens = 20_000               # a latent unseen for this many tokens is dead (paper: 10M);
+                                   # 2% of total_tokens, the paper's 10M of 500M, so aux-k runs here too
 threshold_start = 100              # inference-threshold EMA starts after this step (paper: 1000)
 scale_tokens = 32768               # tokens used to estimate the activation scale
 seed = 0
@@ -394,6 +395,7 @@ def validate(cfg):
 
 
 def train(cfg, device, rank, world, log):
+    t_begin = time.time()
     validate(cfg)
     if cfg.batch_size % world:
         raise configurator.ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
@@ -513,7 +515,8 @@ def train(cfg, device, rank, world, log):
 
     log(f"training {len(saes)} SAE(s) {names} for {total_steps} steps of {cfg.batch_size} tokens "
         f"(scale s = {scale:.4g}, compile {'on' if use_compile else 'off'}, {world} rank(s))")
-    t_log, harvest_time_log = time.time(), 0.0
+    t_loop = t_log = time.time()
+    harvest_time_log = 0.0
     for step in range(start_step, total_steps):
         t_batch = time.time()
         batches_before = harvester.batches_done
@@ -547,7 +550,9 @@ def train(cfg, device, rank, world, log):
                              f"L0 {stats['l0'].item():.1f} EV {ev:.3f} dead {int((dd >= cfg.dead_tokens).sum())}")
             harvest_rate = tokens / max(harvest_time_log, 1e-9) if harvest_time_log else float("inf")
             sae_rate = tokens / max(elapsed - harvest_time_log, 1e-9)
-            eta = (total_steps - step - 1) * elapsed / cfg.log_interval
+            # from the mean step since this process started: one interval's rate jumps with the
+            # buffer refills (harvesting) and checkpoints that happen to fall in it
+            eta = (total_steps - step - 1) * (time.time() - t_loop) / (step + 1 - start_step)
             log(f"step {step + 1}/{total_steps} | " + " | ".join(parts) +
                 f" | lr {lr_now:.2e} | harvest {harvest_rate / 1e3:.1f}k tok/s, "
                 f"sae {sae_rate / 1e3:.1f}k tok/s | eta {eta / 60:.1f} min")
@@ -570,7 +575,8 @@ def train(cfg, device, rank, world, log):
     if harvester.tokens_eligible:
         log(f"realised mask fraction over eligible tokens: "
             f"{harvester.tokens_masked / harvester.tokens_eligible:.4f} (mask_prob {cfg.mask_prob})")
-    log(f"done: SAEs in {', '.join(os.path.join(cfg.out_dir, n) for n in names)}")
+    log(f"done in {(time.time() - t_begin) / 60:.1f} min: SAEs in "
+        f"{', '.join(os.path.join(cfg.out_dir, n) for n in names)}")
 
 
 def m_bytes(cfg):

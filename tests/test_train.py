@@ -7,15 +7,18 @@ import copy
 import importlib.util
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import configurator
 import model as model_lib
 import prepare
 import sae as sae_lib
@@ -34,7 +37,6 @@ def fast_settings(tiny, out_dir, *overrides):
 
 
 def harvester(tiny, **settings):
-    import configurator
     cfg = configurator.configure(vars(train), fast_settings(tiny, "unused"))
     for k, v in settings.items():
         setattr(cfg, k, v)
@@ -102,7 +104,6 @@ def test_masked_positions_can_be_dropped_as_an_ablation(tiny):
 # --- the loop ---------------------------------------------------------------------------------
 
 def step_settings(*overrides):
-    import configurator
     return configurator.configure(vars(train), ["--batch_size=64", *overrides])
 
 
@@ -245,6 +246,57 @@ def test_training_writes_one_loadable_sae_per_k(tiny, tmp_path, capsys):
         assert 0.3 * k < l0 < 3 * k, l0
         fvu = (x - s(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         assert fvu < 1.0
+
+
+def test_the_default_run_has_dead_latents_and_runs_aux_k(tiny, tmp_path, monkeypatch):
+    """The tiny default scales dead_tokens to its length as the paper's run does (10M of 500M
+    tokens), so its log's dead count and aux-k are live, as in the real run. Stopped a few steps
+    after the first latent can be dead."""
+    tiny_cfg = configurator.configure(vars(train), [os.path.join(ROOT, "configs", "tiny.py")])
+    paper = configurator.configure(vars(train), [os.path.join(ROOT, "configs", "pythia160m.py")])
+    assert vars(tiny_cfg) == configurator.defaults(vars(train))  # configs/tiny.py is the default
+    assert tiny_cfg.dead_tokens / tiny_cfg.total_tokens == pytest.approx(paper.dead_tokens / paper.total_tokens)
+    real_step, seen = train.sae_step, []
+
+    def step_and_count(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
+        stats = real_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast)
+        seen.append((stats["aux"].item(), int((dead >= cfg.dead_tokens).sum())))
+        if step == cfg.dead_tokens // cfg.batch_size + 5:
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(train, "sae_step", step_and_count)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", f"--out_dir={tmp_path}/run"])
+    assert any(aux > 0 and n_dead > 0 for aux, n_dead in seen), seen
+
+
+def test_eta_is_the_mean_step_time_and_the_run_says_how_long_it_took(tiny, tmp_path, monkeypatch, capsys):
+    """A fake clock: each SAE step takes 30 s, each LLM batch 300 s (the buffer refills every 4
+    steps). Over 2-step log intervals the rate of the last interval swings 7x; the ETA must stay
+    near the time the run really had left."""
+    clock, after_step = [0.0], {}
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    real_step, real_harvest = train.sae_step, train.Harvester.next_acts
+
+    def slow_step(*args):
+        clock[0] += 30
+        after_step[args[5] + 1] = clock[0]
+        return real_step(*args)
+
+    def slow_harvest(self):
+        clock[0] += 300
+        return real_harvest(self)
+
+    monkeypatch.setattr(train, "sae_step", slow_step)
+    monkeypatch.setattr(train.Harvester, "next_acts", slow_harvest)
+    train.main(fast_settings(tiny, tmp_path / "run", "--log_interval=2"))
+    out = capsys.readouterr().out
+    etas = {int(step): float(eta) for step, eta in re.findall(r"step (\d+)/30 .* eta ([\d.]+) min", out)}
+    for step in range(8, 24, 2):  # once a few refills are in the mean, and while a few are ahead
+        left = (after_step[30] - after_step[step]) / 60
+        assert 0.7 < etas[step] / left < 1.4, (step, etas[step], left)
+    assert re.search(r"done in [\d.]+ min: SAEs in", out)
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):

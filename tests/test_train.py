@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -329,6 +330,23 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tiny, tmp_path):
         train.main(fast_settings(tiny, tmp_path / "run", "--resume=True", "--mask_prob=0.1", "--lr=0.01"))
     with pytest.raises(FileExistsError, match="--resume=True"):
         train.main(fast_settings(tiny, tmp_path / "run"))
+
+
+def test_resume_knows_its_folders_however_they_are_spelled(tiny, tmp_path, monkeypatch, capsys):
+    """The checkpoint is found in out_dir, so out_dir is the run's folder: a trailing slash, a
+    relative path and a moved folder all resume it. model_dir and tokens_dir are compared as the
+    folders they name."""
+    settings = ("--total_tokens=2560", "--resume=True")
+    train.main(fast_settings(tiny, tmp_path / "run", "--total_tokens=2560"))
+    monkeypatch.chdir(tmp_path)
+    train.main(fast_settings(tiny, f"{tmp_path}/run/", *settings))
+    train.main(fast_settings(tiny, "run", *settings, f"--tokens_dir={os.path.relpath(tiny, tmp_path)}/tokens/"))
+    os.rename(tmp_path / "run", tmp_path / "moved")
+    train.main(fast_settings(tiny, tmp_path / "moved", *settings))
+    assert capsys.readouterr().out.count("resumed") == 3
+    shutil.copytree(tiny / "tokens", tmp_path / "tokens")
+    with pytest.raises(ValueError, match="tokens_dir"):  # another folder may hold another corpus
+        train.main(fast_settings(tiny, tmp_path / "moved", *settings, f"--tokens_dir={tmp_path}/tokens"))
 
 
 def test_compiled_step_runs_on_cpu(tiny, tmp_path):

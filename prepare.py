@@ -25,9 +25,10 @@ order), a local .txt/.jsonl/.jsonl.zst/.parquet file or folder of them, "stdlib"
 zstandard; which of its datasets train and which evaluate is written above SAE_PROBES_TRAIN).
 
 Every step is idempotent: complete outputs (for tokens: with a meta.json that matches the
-settings) make a rerun a no-op that says so, without touching the network. An interrupted
-tokenization leaves only *.tmp files and no meta.json, so nothing looks complete; the next run
-starts it over from the beginning (there is no mid-file resume).
+settings) make a rerun a no-op that says so, without touching the network. New token files are
+written beside the old ones (*.tmp) and swapped in at the end, so a failed or interrupted
+tokenization leaves the previous tokens_dir as it was; the next run starts it over from the
+beginning (there is no mid-file resume).
 """
 import ast
 import contextlib
@@ -712,8 +713,6 @@ def prepare_tokens(cfg, tokenizer):
     print(f"tokens: {reason}; tokenizing {source} into {cfg.tokens_dir}")
     os.makedirs(cfg.tokens_dir, exist_ok=True)
     meta_path = os.path.join(cfg.tokens_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # from here on, old outputs no longer look complete
     vocab_size = tokenizer.get_vocab_size()
     dtype = "uint16" if vocab_size <= 2**16 else "uint32"
     paths = {split: os.path.join(cfg.tokens_dir, f"{split}.bin") for split in ("train", "val")}
@@ -743,6 +742,11 @@ def prepare_tokens(cfg, tokenizer):
     if not (tokens["train"] and tokens["val"]):
         raise ValueError(f"{source}: train.bin or val.bin got no document ({documents}); "
                          "use more text, a larger max_tokens or a larger val_fraction")
+    # The new files were written beside the old ones, which go only now: a mistyped dataset, an
+    # empty corpus or a kill before this point leaves the previous token files complete and usable.
+    # A kill during the swap leaves no meta.json, so nothing looks complete and a rerun starts over.
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
     for path in paths.values():
         _replace(path + ".tmp", path)
     _write_json(meta_path, {**settings, "model": cfg.model, "tokenizer": tokenizer_path,

@@ -135,33 +135,38 @@ class SAE(nn.Module):
         torch.zeros(B * F).index_put_((idx,), vals).view(B, F). None for the ReLU arch, which selects
         nothing: its f is pre_acts(x).
 
-        dead_mask (F,) bool: latents dead by the 10M-token rule (§1.9). None skips aux-k entirely.
+        dead_mask (F,) bool: latents dead by the 10M-token rule (§1.9) unless they fire in x: aux-k
+        runs on those of them that x does not fire, as dictionary_learning counts the batch's firing
+        before aux-k reads its counters (trainers/matryoshka_batch_top_k.py v0.1.0, loss(): lines
+        297-302 update num_tokens_since_fired, then get_auxiliary_loss reads it). None skips aux-k.
         l1_scale: the ReLU arch's L1 warm-up factor min(t/T_sw, 1) (§2); a 0-d tensor avoids
         recompiles under torch.compile.
 
-        sparse (None = True on CPU): after the encoder's one dense product, work from the k*B kept
-        entries only: the decoder, the encoder's weight gradient, and aux-k over the dead latents'
-        columns only. Same values and gradients as the dense path (tests/test_sae.py), 3-6x faster
-        per step on a 2-core CPU (bench.py). It reads the number of dead latents on the host (one
-        sync when dead_mask is given) and runs eagerly. The dense path is the plain math with no
-        host sync: it always computes aux-k and zeroes it with torch.where when no latent is dead,
-        so it compiles without graph breaks; big dense products suit a GPU."""
+        sparse (None = True on CPU in fp32 and fp64, the dtypes CPU's sampled_addmm takes): after
+        the encoder's one dense product, work from the k*B kept entries only: the decoder, the
+        encoder's weight gradient, and aux-k over the dead latents' columns only. Same values and
+        gradients as the dense path (tests/test_sae.py), 3-6x faster per step on a 2-core CPU
+        (bench.py). It reads the number of dead latents on the host (one sync when dead_mask is
+        given) and runs eagerly. The dense path is the plain math with no host sync: it always
+        computes aux-k and zeroes it with torch.where when no latent is dead, so it compiles
+        without graph breaks; big dense products suit a GPU."""
         x = x.to(self.W_enc.dtype)  # e.g. Gemma's bf16 residual: the SAE stays fp32 (paper.md #16)
         if self.cfg["arch"] == "relu":  # §2: MSE + λ·mean_b Σ_i f_i ||W_dec,i||
             a = self.pre_acts(x)
             rec = (x - self.decode(a)).pow(2).sum(-1).mean()
             l1 = (a * self.W_dec.norm(dim=1)).sum(-1).mean()
             loss = rec + self.cfg["l1_coefficient"] * l1_scale * l1
-            stats = dict(loss=loss, rec=rec, aux=torch.zeros((), device=x.device), l1=l1,
+            stats = dict(loss=loss, rec=rec, aux=x.new_zeros(()), l1=l1,
                          prefix_losses=rec.reshape(1), l0=(a > 0).sum(-1).float().mean(),
                          fired=(a > 0).any(0), min_act=batch_min_positive(a))
             return loss, {key: t.detach() for key, t in stats.items()}, None
 
         n, d_sae = len(x), self.cfg["d_sae"]
-        sparse = x.device.type == "cpu" if sparse is None else sparse
+        if sparse is None:
+            sparse = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
         if sparse:
             # the one dense product; no autograd graph is kept for it, and it stays fp32 under
-            # autocast since the sparse products below are fp32-only
+            # autocast since the sparse products below take no bf16
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 a = self._training_pre_acts(x)
             idx, vals = self.select(a, ascending=True)
@@ -185,18 +190,18 @@ class SAE(nn.Module):
         # only relative to the aux term and grad clipping). G = 1 for BatchTopK/TopK: plain MSE.
         prefix_losses, residual = _PrefixLosses.apply(x - self.b_dec, parts)
         rec = (prefix_losses / parts.shape[1]).mean()
-        aux = torch.zeros((), device=x.device)
+        # what the loop needs from f, read off the k*B kept entries instead of all B*F: the latents
+        # that fired (§1.9) and m, the smallest positive activation (§1.11)
+        kept_vals = vals.detach()  # in the SAE's dtype, or bf16 under autocast
+        fired = kept_vals.new_zeros(d_sae).scatter_reduce(0, cols, kept_vals, "amax") > 0
+        aux = x.new_zeros(())
         if dead_mask is not None:  # x - x̂_G, detached (§1.10)
+            dead_mask = dead_mask & ~fired
             aux = (self._aux_loss_sparse(residual, x, dead_mask) if sparse
                    else self._aux_loss(residual, a, dead_mask))
         loss = rec + _AUX_ALPHA * aux
-        kept_vals = vals.detach().float()  # bf16 under autocast
         stats = dict(loss=loss, rec=prefix_losses[-1], aux=aux, prefix_losses=prefix_losses,
-                     l0=(kept_vals > 0).sum().float() / n,
-                     # what the loop needs from f, read off the k*B kept entries instead of all B*F:
-                     # the latents that fired (§1.9) and m, the smallest positive activation (§1.11)
-                     fired=torch.zeros_like(self.b_enc).scatter_reduce(0, cols, kept_vals, "amax") > 0,
-                     min_act=batch_min_positive(kept_vals))
+                     l0=(kept_vals > 0).sum().float() / n, fired=fired, min_act=batch_min_positive(kept_vals))
         return loss, {key: t.detach() for key, t in stats.items()}, (idx, vals.detach())
 
     def _aux_loss(self, residual, a, dead_mask):
@@ -215,7 +220,7 @@ class SAE(nn.Module):
         grows with n_dead (none dead: no work). Reads n_dead on the host."""
         dead = dead_mask.nonzero().squeeze(1)
         if len(dead) == 0:
-            return torch.zeros((), device=x.device)
+            return x.new_zeros(())
         # the dead columns of W_enc, gathered as rows of its (F, d) storage: faster, and the gradient
         # comes back in W_enc's layout instead of needing a transposing copy
         W_dead = self.W_enc.T[dead].T

@@ -17,10 +17,13 @@ Run:
 Settings below are the defaults; a config file and --key=value override them (configurator.py).
 One run trains one SAE per entry of `ks` from the same harvested stream, since harvesting
 dominates the cost; each SAE is written to out_dir/k{k}/ (sae.safetensors + cfg.json), and the
-resume state to out_dir/checkpoint/.
+resume state to out_dir/checkpoint/. While a run goes on it holds a lock on out_dir/train.lock, so
+a second train.py on the same out_dir stops at once instead of overwriting its files.
 """
+import contextlib
 import copy
 import ctypes
+import fcntl
 import functools
 import json
 import math
@@ -32,7 +35,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import configurator
@@ -70,7 +73,8 @@ warmup_steps = 100                 # paper recipe: 1000
 decay_start = 0.8                  # linear decay to 0 over the last 20% of steps
 grad_clip = 1.0
 l1_warmup_steps = 500              # relu arch: L1 coefficient ramps up over these steps
-dead_tokens = 1_000_000            # a latent unseen for this many tokens is dead (paper: 10M)
+dead_tokens = 20_000               # a latent unseen for this many tokens is dead (paper: 10M);
+                                   # 2% of total_tokens, the paper's 10M of 500M, so aux-k runs here too
 threshold_start = 100              # inference-threshold EMA starts after this step (paper: 1000)
 scale_tokens = 32768               # tokens used to estimate the activation scale
 seed = 0
@@ -85,8 +89,10 @@ ckpt_interval = 500
 resume = False                     # continue from out_dir/checkpoint
 wandb_project = ""                 # log to Weights & Biases when set (optional package)
 
-# settings that may change between a checkpoint and its resumption
-_RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "tf32", "wandb_project"}
+# settings that may change between a checkpoint and its resumption. out_dir: the checkpoint was
+# found in it, so it is the run's folder however it is spelled and wherever it has been moved
+_RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "tf32", "wandb_project", "out_dir"}
+_FOLDER_SETTINGS = {"model_dir", "tokens_dir"}  # compared as the folders they name, not as strings
 
 
 # -----------------------------------------------------------------------------
@@ -238,13 +244,29 @@ def save_checkpoint(cfg, saes, optimizers, dead, scale, step, harvester, buffer,
         dist.barrier()
 
 
+def lock_out_dir(out_dir):
+    """An exclusive lock on out_dir for as long as the returned descriptor is open: a second
+    train.py on the same folder, which would delete and overwrite this run's files, stops with one
+    line. flock on a file in the folder (opened for writing, so it also works on NFS); the OS
+    drops the lock when the process ends, even by kill -9."""
+    path = os.path.join(out_dir, "train.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BlockingIOError(f"{out_dir} is in use by another train.py (it holds {path}): wait for "
+                              f"it to finish, or choose another out_dir") from None
+    return fd
+
+
 def _write(path, tensors, meta):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
     try:
         save_file(tensors, path, metadata={"meta": json.dumps(meta)})
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         raise OSError(f"could not write checkpoint file {path}: {e}. "
                       f"The previous checkpoint in {os.path.dirname(os.path.dirname(path))}"
                       f"/checkpoint is untouched.") from None
@@ -261,8 +283,12 @@ def _read(path):
 
 
 def check_resume_config(cfg, saved):
+    def same(key, a, b):
+        if key in _FOLDER_SETTINGS and isinstance(a, str):
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
     differ = {k: (saved.get(k), v) for k, v in vars(cfg).items()
-              if k not in _RESUMABLE_CHANGES and saved.get(k) != v}
+              if k not in _RESUMABLE_CHANGES and not same(k, saved.get(k), v)}
     if differ:
         lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
         raise ValueError(f"refusing to resume {cfg.out_dir}: the config differs from the "
@@ -274,8 +300,8 @@ def check_resume_config(cfg, saved):
 
 def lr_at(step, total_steps, cfg):
     """Linear warmup, constant, linear decay to 0 from decay_start * total (training.md §1.13)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step < cfg.warmup_steps:  # lr 0 at step 0, as dictionary_learning's LambdaLR gives
+        return cfg.lr * step / cfg.warmup_steps  # (trainers/trainer.py v0.1.0 line 155: step / warmup_steps)
     decay_from = int(cfg.decay_start * total_steps)
     if step >= decay_from:
         return cfg.lr * (total_steps - step) / max(1, total_steps - decay_from)
@@ -285,9 +311,16 @@ def lr_at(step, total_steps, cfg):
 def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
     """One training step of one SAE on x, and its bookkeeping: the dead counters `dead` (tokens
     since each latent last fired, §1.9) and the inference threshold (§1.11). Returns the stats."""
-    # aux-k needs dead latents, and none can be dead before dead_tokens have been seen
-    dead_mask = dead >= cfg.dead_tokens if (step + 1) * cfg.batch_size > cfg.dead_tokens else None
-    l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)  # the ReLU arch's L1 warm-up (§2)
+    # The latents dead after this batch unless it fires them: training_loss drops those it fires
+    # before aux-k, so a latent joins aux-k on the step it reaches dead_tokens and leaves it on the
+    # step it fires, as in dictionary_learning (trainers/matryoshka_batch_top_k.py v0.1.0 lines
+    # 297-302: the counters take the batch before get_auxiliary_loss reads them). With DDP a rank
+    # sees only its own part of the batch firing; the counters below take the whole batch's.
+    # None skips aux-k while no latent can be dead yet.
+    dead_mask = (dead + cfg.batch_size >= cfg.dead_tokens
+                 if (step + 1) * cfg.batch_size >= cfg.dead_tokens else None)
+    # the ReLU arch's L1 warm-up (§2), 0 at step 0 (trainers/trainer.py v0.1.0 line 193)
+    l1_scale = min(1.0, step / cfg.l1_warmup_steps)
     with autocast:
         loss, stats, _ = loss_fn(x, dead_mask, l1_scale)
     loss.backward()
@@ -310,7 +343,9 @@ def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
         fired = fired.bool()
     dead += cfg.batch_size
     dead.masked_fill_(fired, 0)  # not dead[fired] = 0: boolean indexing syncs with the GPU
-    if step >= cfg.threshold_start and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
+    # the EMA starts after threshold_start, as dictionary_learning's `step > threshold_start_step`
+    # (trainers/matryoshka_batch_top_k.py v0.1.0 line 270)
+    if step > cfg.threshold_start and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
         min_act = stats["min_act"]
         if world > 1:
             dist.all_reduce(min_act, op=dist.ReduceOp.MIN)
@@ -349,7 +384,8 @@ def main(argv):
     master = rank == 0
     log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     try:
-        train(cfg, device, rank, world, log)
+        with contextlib.ExitStack() as on_exit:  # releases the out_dir lock however train ends
+            train(cfg, device, rank, world, log, on_exit)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -384,7 +420,8 @@ def validate(cfg):
         raise configurator.ConfigError("bad settings:\n  " + "\n  ".join(problems))
 
 
-def train(cfg, device, rank, world, log):
+def train(cfg, device, rank, world, log, on_exit):
+    t_begin = time.time()
     validate(cfg)
     if cfg.batch_size % world:
         raise configurator.ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
@@ -400,20 +437,34 @@ def train(cfg, device, rank, world, log):
     if not 0 <= cfg.layer < m.cfg.n_layer:
         raise ValueError(f"layer {cfg.layer} is out of range: {cfg.model_dir} has {m.cfg.n_layer} "
                          f"blocks (0..{m.cfg.n_layer - 1})")
+    broken = [name for name, p in m.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise ValueError(f"{cfg.model_dir}: non-finite weights (NaN or inf) in {', '.join(broken[:3])}"
+                         f"{' ...' if len(broken) > 3 else ''}: the checkpoint is damaged; fetch it again")
     mask_id = prepare.single_token_id(prepare.load_tokenizer(cfg.model_dir), cfg.mask_token)
     if mask_id in m.special_ids or mask_id >= m.cfg.vocab_size:
         raise ValueError(f"mask_token {cfg.mask_token!r} (id {mask_id}) must be an ordinary id below "
                          f"{m.cfg.vocab_size}, not one of the special ids {m.special_ids}")
-    _, meta = prepare.open_tokens(cfg.tokens_dir, "train")
+    tokens, meta = prepare.open_tokens(cfg.tokens_dir, "train")
     if meta["vocab_size"] > m.cfg.vocab_size:
         raise ValueError(f"{cfg.tokens_dir} was tokenized with vocab {meta['vocab_size']}, more than "
                          f"the model's {m.cfg.vocab_size}: tokens and model do not match")
     if meta["eos_token_id"] != m.cfg.eos_token_id:
         raise ValueError(f"{cfg.tokens_dir}/meta.json has eos id {meta['eos_token_id']} but "
                          f"{cfg.model_dir} has {m.cfg.eos_token_id}: tokens made with another tokenizer")
-    resume_from = checkpoint_dir(cfg) if cfg.resume else None
-    if cfg.resume and resume_from is None:
+    largest = int(tokens.max()) if len(tokens) else 0  # one pass over the file, not hours into the run
+    if largest >= m.cfg.vocab_size:
+        raise ValueError(f"{cfg.tokens_dir}/train.bin holds token id {largest}, but token ids must be in "
+                         f"[0, {m.cfg.vocab_size}) for {cfg.model_dir}: rerun prepare.py for this model")
+    del tokens
+    if cfg.resume and checkpoint_dir(cfg) is None:
         raise FileNotFoundError(f"resume=True but {cfg.out_dir}/checkpoint does not exist")
+
+    # every input checked but the checkpoint, which needs the lock first: the first thing written
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if rank == 0:  # before reading a checkpoint that another run could be swapping
+        on_exit.callback(os.close, lock_out_dir(cfg.out_dir))
+    resume_from = checkpoint_dir(cfg) if cfg.resume else None
     if not cfg.resume and checkpoint_dir(cfg) is not None:
         raise FileExistsError(f"{cfg.out_dir} already holds a checkpoint: pass --resume=True to "
                               f"continue it, or choose another out_dir")
@@ -422,8 +473,6 @@ def train(cfg, device, rank, world, log):
         check_resume_config(cfg, meta_state["config"])
         if meta_state["world"] != world:
             raise ValueError(f"checkpoint was written by {meta_state['world']} ranks, now {world}")
-
-    os.makedirs(cfg.out_dir, exist_ok=True)  # every input checked: the first thing written
 
     # --- data: harvester + shuffle buffer (per rank), activation scale
     harvester = Harvester(m, cfg, mask_id, rank, world)
@@ -504,7 +553,8 @@ def train(cfg, device, rank, world, log):
 
     log(f"training {len(saes)} SAE(s) {names} for {total_steps} steps of {cfg.batch_size} tokens "
         f"(scale s = {scale:.4g}, compile {'on' if use_compile else 'off'}, {world} rank(s))")
-    t_log, harvest_time_log = time.time(), 0.0
+    t_loop = t_log = time.time()
+    harvest_time_log = 0.0
     for step in range(start_step, total_steps):
         t_batch = time.time()
         batches_before = harvester.batches_done
@@ -538,7 +588,9 @@ def train(cfg, device, rank, world, log):
                              f"L0 {stats['l0'].item():.1f} EV {ev:.3f} dead {int((dd >= cfg.dead_tokens).sum())}")
             harvest_rate = tokens / max(harvest_time_log, 1e-9) if harvest_time_log else float("inf")
             sae_rate = tokens / max(elapsed - harvest_time_log, 1e-9)
-            eta = (total_steps - step - 1) * elapsed / cfg.log_interval
+            # from the mean step since this process started: one interval's rate jumps with the
+            # buffer refills (harvesting) and checkpoints that happen to fall in it
+            eta = (total_steps - step - 1) * (time.time() - t_loop) / (step + 1 - start_step)
             log(f"step {step + 1}/{total_steps} | " + " | ".join(parts) +
                 f" | lr {lr_now:.2e} | harvest {harvest_rate / 1e3:.1f}k tok/s, "
                 f"sae {sae_rate / 1e3:.1f}k tok/s | eta {eta / 60:.1f} min")
@@ -554,14 +606,20 @@ def train(cfg, device, rank, world, log):
                                              f"not saving. The last good checkpoint is in "
                                              f"{cfg.out_dir}/checkpoint")
             save_checkpoint(cfg, saes, optimizers, dead, scale, step + 1, harvester, buffer, rank, world)
-            if rank == 0:
+            if rank == 0 and step + 1 < total_steps:  # the last state's exports follow the loop
                 for name, s in zip(names, saes):
                     export_sae(s, scale, os.path.join(cfg.out_dir, name))
+    # the exports of the last state, also when a resumed run finds its checkpoint at the last step
+    # already: a run killed between that checkpoint and these exports would otherwise keep stale ones
+    if rank == 0:
+        for name, s in zip(names, saes):
+            export_sae(s, scale, os.path.join(cfg.out_dir, name))
 
     if harvester.tokens_eligible:
         log(f"realised mask fraction over eligible tokens: "
             f"{harvester.tokens_masked / harvester.tokens_eligible:.4f} (mask_prob {cfg.mask_prob})")
-    log(f"done: SAEs in {', '.join(os.path.join(cfg.out_dir, n) for n in names)}")
+    log(f"done in {(time.time() - t_begin) / 60:.1f} min: SAEs in "
+        f"{', '.join(os.path.join(cfg.out_dir, n) for n in names)}")
 
 
 def m_bytes(cfg):

@@ -18,3 +18,4 @@ ks = [8, 16]
 dict_size = 1024
 total_tokens = 1_000_000
 batch_size = 1024
+dead_tokens = 20_000  # 2% of total_tokens, as the paper's 10M of 500M: dead latents and aux-k occur

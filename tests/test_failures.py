@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import configurator
 import evaluate
@@ -41,6 +42,10 @@ def snapshot(folder):
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def checkpoint_step(out):
+    return train._read(str(out / "checkpoint" / "state.safetensors"))[1]["step"]
+
+
 # --- bad inputs, through the command line -----------------------------------------------------
 
 def test_corrupt_truncated_and_mismatched_weights(tiny, tmp_path):
@@ -63,6 +68,18 @@ def test_corrupt_truncated_and_mismatched_weights(tiny, tmp_path):
             assert "mlp" in result.stderr  # names the tensor
         assert snapshot(model_dir) == before
         assert not (tmp_path / f"out_{damage}").exists()
+
+
+def test_nan_model_weights_are_refused_before_anything_is_written(tiny, tmp_path):
+    model_dir = tmp_path / "model"
+    os.system(f"cp -r {tiny}/model {model_dir}")
+    weights = load_file(model_dir / "model.safetensors")
+    name = next(n for n in weights if "layers.0." in n and "dense_h_to_4h.weight" in n)
+    weights[name][3, 5] = float("nan")
+    save_file(weights, model_dir / "model.safetensors")
+    result = run_script("train.py", *fast_settings(tiny, tmp_path / "out", f"--model_dir={model_dir}"))
+    assert_one_clear_error(result, str(model_dir), "non-finite weights", "mlp")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_architecture(tiny, tmp_path):
@@ -90,7 +107,8 @@ def test_token_file_that_does_not_match_the_model(tiny, tmp_path):
     ids.flush()
     (tokens / "meta.json").write_text(json.dumps(meta))
     result = run_script("train.py", *fast_settings(tiny, tmp_path / "out", f"--tokens_dir={tokens}"))
-    assert_one_clear_error(result, "token ids must be in [0, 4096)")
+    assert_one_clear_error(result, "train.bin holds token id 4102", "token ids must be in [0, 4096)")
+    assert not (tmp_path / "out").exists()  # found before anything is written
 
     (tokens / "train.bin").write_bytes((tokens / "train.bin").read_bytes()[:-3])  # wrong size
     result = run_script("train.py", *fast_settings(tiny, tmp_path / "out", f"--tokens_dir={tokens}"))
@@ -182,19 +200,27 @@ def test_nan_or_inf_activations_stop_the_run_and_keep_the_last_good_checkpoint(t
     assert json.loads(open(out / "k4" / "cfg.json").read())["k"] == 4
 
 
-def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+# a full disk as Python reports it, and as safetensors does (its own exception type; the message
+# is what safetensors 0.8 says when a write fails: tried with RLIMIT_FSIZE, "File too large")
+DISK_FULL = [OSError(errno.ENOSPC, "No space left on device"),
+             SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")]
+
+
+@pytest.mark.parametrize("error", DISK_FULL, ids=["OSError", "SafetensorError"])
+def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch, error):
     out = tmp_path / "run"
     real_save_file, calls = train.save_file, []
 
     def fill_the_disk_on_the_second_checkpoint(tensors, path, metadata=None):
         calls.append(path)
         if len(calls) > 2:  # each checkpoint writes rank0 + state
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         real_save_file(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(train, "save_file", fill_the_disk_on_the_second_checkpoint)
     with pytest.raises(OSError, match="No space left.*previous checkpoint"):
         train.main(fast_settings(tiny, out))
+    assert checkpoint_step(out) == 10
     monkeypatch.setattr(train, "save_file", real_save_file)
     before = snapshot(out / "checkpoint")
     train.main(fast_settings(tiny, out, "--resume=True"))  # continues from step 10
@@ -250,3 +276,54 @@ def test_kill_9_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_r
         a = load_file(straight / f"k{k}" / "sae.safetensors")
         b = load_file(killed / f"k{k}" / "sae.safetensors")
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_killed_between_the_last_checkpoint_and_the_last_export_then_resume_exports(tiny, tmp_path, monkeypatch):
+    """kill -9 after the step-30 (last) checkpoint, while the k4 export is being written: its
+    sae.safetensors.tmp is half there and k8 still holds the step-20 export. The resume finds its
+    checkpoint at the last step already, trains nothing, and must still end with the exports of
+    that last state."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train.main(fast_settings(tiny, straight))
+    real_save, real_export, last = train.save_checkpoint, train.export_sae, []
+
+    def save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        last.append(args[5] == 30)
+
+    def export_or_die(s, scale, folder):
+        if last[-1]:
+            (tmp_path / "killed" / "k4" / "sae.safetensors.tmp").write_bytes(b"half a file")
+            raise KeyboardInterrupt
+        real_export(s, scale, folder)
+
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(train, "export_sae", export_or_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(fast_settings(tiny, killed))
+    monkeypatch.undo()
+    assert checkpoint_step(killed) == 30
+    stale = load_file(killed / "k8" / "sae.safetensors")
+    train.main(fast_settings(tiny, killed, "--resume=True"))
+    for k in (4, 8):
+        a = load_file(straight / f"k{k}" / "sae.safetensors")
+        b = load_file(killed / f"k{k}" / "sae.safetensors")
+        assert all(torch.equal(a[n], b[n]) for n in a)
+        assert not list((killed / f"k{k}").glob("*.tmp"))
+    assert not torch.equal(stale["W_dec"], load_file(killed / "k8" / "sae.safetensors")["W_dec"])
+
+
+def test_a_second_train_py_on_the_same_out_dir_stops_and_changes_nothing(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(fast_settings(tiny, out, "--total_tokens=2560"))  # a checkpoint at step 10
+    before = snapshot(out)
+    lock = train.lock_out_dir(str(out))  # as a running train.py holds it
+    try:
+        with pytest.raises(BlockingIOError, match="in use by another train.py"):  # a second open
+            train.lock_out_dir(str(out))
+        result = run_script("train.py", *fast_settings(tiny, out, "--total_tokens=2560", "--resume=True"))
+        assert_one_clear_error(result, f"{out} is in use by another train.py")
+        assert snapshot(out) == before
+    finally:
+        os.close(lock)
+    train.main(fast_settings(tiny, out, "--total_tokens=2560", "--resume=True"))  # free again

@@ -200,8 +200,8 @@ def test_rerun_is_a_no_op_and_changed_settings_rebuild(tmp_path, tokenizer, caps
     assert prepare.open_tokens(tokens, "train")[1]["train_tokens"] == 100
 
 
-def test_interrupted_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, tokenizer,
-                                                                     monkeypatch, capsys):
+def test_interrupted_run_keeps_the_previous_tokens_and_rerun_succeeds(tmp_path, tokenizer,
+                                                                       monkeypatch, capsys):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
     model_dir = make_model_dir(tmp_path / "model", tokenizer)
@@ -220,16 +220,41 @@ def test_interrupted_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, to
             run(model_dir, corpus, tokens, "--val_fraction=0.25")
     out = capsys.readouterr().out
     assert "tok/s" in out and "ETA" in out
-    assert os.path.getsize(tokens / "train.bin.tmp") > 0  # it was killed while writing
-    assert not os.path.exists(tokens / "meta.json")
-    with pytest.raises(FileNotFoundError, match="run prepare.py"):
-        prepare.open_tokens(tokens)
+    assert os.path.getsize(tokens / "train.bin.tmp") > 0  # it was killed while writing ...
+    assert prepare.open_tokens(tokens)[1]["train_tokens"] == 100  # ... beside the older result
 
     run(model_dir, corpus, tokens, "--val_fraction=0.25")
     run(model_dir, corpus, tmp_path / "fresh", "--val_fraction=0.25")
     for name in ("train.bin", "val.bin"):
         assert (tokens / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
     assert_partition(tokenizer, DOCS, tokens)
+
+
+def test_a_failed_rebuild_leaves_the_previous_tokens_complete(tmp_path, tokenizer, monkeypatch, capsys):
+    """A mistyped --dataset or an empty corpus fails with one error, and the token files made
+    before (for a real run, hours of tokenizing) are still there and usable."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    model_dir = make_model_dir(tmp_path / "model", tokenizer)
+    tokens = tmp_path / "tokens"
+    run(model_dir, corpus, tokens, "--val_fraction=0.25")
+    before = {name: (tokens / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
+
+    def no_such_repo(repo, **kwargs):  # what the hub answers for a name that is no repo
+        raise hub_error(huggingface_hub.errors.RepositoryNotFoundError, 404, f"https://hf.co/api/datasets/{repo}")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", no_such_repo)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("")
+    for dataset, error, message in [(tmp_path / "docs.jsnol", FileNotFoundError, "neither a local path nor a repo"),
+                                    (tmp_path / "empty", ValueError, "got no document")]:
+        with pytest.raises(error, match=message):
+            run(model_dir, dataset, tokens, "--val_fraction=0.25")
+        assert {name: (tokens / name).read_bytes() for name in before} == before
+        assert_partition(tokenizer, DOCS, tokens)  # complete and usable
+    capsys.readouterr()
+    run(model_dir, corpus, tokens, "--val_fraction=0.25")  # the old settings again: still complete
+    assert "matches the settings; nothing to do" in capsys.readouterr().out
 
 
 def test_open_tokens_errors(tmp_path, tokenizer):

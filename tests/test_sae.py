@@ -186,18 +186,40 @@ def numpy_aux_loss(x, f, a, W_dec, b_dec, dead):
     return ((e - e_hat) ** 2).sum(1).mean() / ((e - e.mean(0)) ** 2).sum(1).mean()
 
 
-@pytest.mark.parametrize("dead_ids", [[1, 4, 6], [5]])  # k_aux = min(d/2 = 2, n_dead) = 2, then 1
-def test_aux_loss_matches_numpy(dead_ids):
-    sae = random_sae("batchtopk", d=4, F=8, k=2)
-    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
-    dead = torch.zeros(8, dtype=torch.bool)
-    dead[dead_ids] = True
+@pytest.mark.parametrize("n_dead", [3, 1])  # k_aux = min(d/2 = 2, n_dead) = 2, then 1
+def test_aux_loss_matches_numpy(n_dead):
+    sae = random_sae("batchtopk", d=4, F=16, k=1)
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    unfired = (dense(sae.training_loss(x)[2], sae, x) == 0).all(0).nonzero().squeeze(1)
+    dead = torch.zeros(16, dtype=torch.bool).index_fill_(0, unfired[:n_dead], True)  # x fires none
     loss, stats, kept = sae.training_loss(x, dead)
+    f = dense(kept, sae, x)
     a = sae.pre_acts(x).detach()
-    expected = numpy_aux_loss(x, dense(kept, sae, x), a, sae.W_dec.detach(), sae.b_dec.detach(), dead.numpy())
+    expected = numpy_aux_loss(x, f, a, sae.W_dec.detach(), sae.b_dec.detach(), dead.numpy())
     assert expected > 0
     assert stats["aux"].item() == pytest.approx(expected, rel=1e-5)
     assert loss.item() == pytest.approx(stats["rec"].item() + expected / 32, rel=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_aux_loss_leaves_out_dead_latents_that_fire_in_the_batch(sparse):
+    """dictionary_learning resets the counters of the latents a batch fires before aux-k reads
+    them, so a latent that was dead but fires now gets no aux-k gradient from this batch."""
+    sae = random_sae("batchtopk", d=4, F=16, k=1)
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    every = torch.ones(16, dtype=torch.bool)  # all dead before this batch
+    loss, stats, kept = sae.training_loss(x, every, sparse=sparse)
+    f = dense(kept, sae, x)
+    fired = (f != 0).any(0)
+    assert 0 < fired.sum() < 16
+    a, W_dec, b_dec = sae.pre_acts(x).detach(), sae.W_dec.detach(), sae.b_dec.detach()
+    expected = numpy_aux_loss(x, f, a, W_dec, b_dec, (~fired).numpy())
+    assert stats["aux"].item() == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(numpy_aux_loss(x, f, a, W_dec, b_dec, every.numpy()), rel=1e-3)
+    loss.backward()
+    # aux-k is the only gradient a latent that did not fire gets; a fired one gets the usual one
+    unfired_grad = sae.W_enc.grad[:, ~fired].abs().sum(0)
+    assert (unfired_grad > 0).any()
 
 
 def test_aux_loss_zero_without_dead_latents():
@@ -267,6 +289,34 @@ def test_training_loss_gradients_match_stock_autograd(sparse):
         assert torch.allclose(plain, ours, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("arch", ["matryoshka_batchtopk", "batchtopk", "topk", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_training_loss_in_the_dtype_the_sae_is_built_in(arch, dtype):
+    """An SAE converted with .to(dtype) trains in that dtype (the sparse path where it exists for
+    the dtype: fp64 on a CPU); fp64 gives fp32's loss to fp32's precision."""
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+    dead = torch.arange(32) % 3 == 0
+    sae32 = random_sae(arch)
+    sae = copy.deepcopy(sae32).to(dtype)
+    loss, stats, _ = sae.training_loss(x, dead)
+    loss.backward()
+    assert loss.dtype == dtype and stats["rec"].dtype == dtype and stats["fired"].any()
+    assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in sae.parameters())
+    tolerance = 1e-5 if dtype == torch.float64 else 0.05
+    assert loss.item() == pytest.approx(sae32.training_loss(x, dead)[0].item(), rel=tolerance)
+
+
+def test_float64_gradients_match_stock_autograd_to_float64_precision():
+    x = torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for loss_fn in (plain_matryoshka_loss, lambda sae, x: sae.training_loss(x)[0]):
+        sae = random_sae("matryoshka_batchtopk").double()
+        loss_fn(sae, x).backward()
+        grads.append([p.grad for p in sae.parameters()])
+    for plain, ours in zip(*grads):
+        assert torch.allclose(plain, ours, rtol=1e-12, atol=1e-14)
+
+
 def test_prefix_losses_backward_with_unequal_weights():
     """_PrefixLosses' backward for any weighting of the G losses, by finite differences (fp64)."""
     g = torch.Generator().manual_seed(4)
@@ -278,12 +328,17 @@ def test_prefix_losses_backward_with_unequal_weights():
 
 
 @pytest.mark.parametrize("arch", ["matryoshka_batchtopk", "batchtopk", "topk"])
-@pytest.mark.parametrize("dead_ids", [None, [], [1, 4, 6], list(range(0, 32, 3))])
-def test_sparse_path_matches_dense(arch, dead_ids):
+@pytest.mark.parametrize("n_dead", [None, 0, 3, 11])
+def test_sparse_path_matches_dense(arch, n_dead):
     """Loss terms, kept latents and every parameter gradient agree. d=8 gives k_aux = 4, so 3 dead
-    latents decode all of them and 11 need aux-k's own top-k."""
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
-    dead = None if dead_ids is None else torch.zeros(32, dtype=torch.bool).index_fill_(0, torch.tensor(dead_ids, dtype=torch.long), True)
+    latents decode all of them and 11 need aux-k's own top-k. The dead mask also holds every
+    latent x fires, which aux-k leaves out (a mask of only those: no aux-k)."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    probe = random_sae(arch)
+    fired = (dense(probe.training_loss(x)[2], probe, x) != 0).any(0)
+    unfired = (~fired).nonzero().squeeze(1)
+    assert len(unfired) >= 11
+    dead = None if n_dead is None else fired.clone().index_fill_(0, unfired[:n_dead], True)
     results = []
     for sparse in (False, True):
         sae = random_sae(arch)
@@ -291,7 +346,7 @@ def test_sparse_path_matches_dense(arch, dead_ids):
         loss.backward()
         results.append((stats, dense(kept, sae, x), [p.grad for p in sae.parameters()]))
     (dense_stats, dense_f, dense_grads), (sparse_stats, sparse_f, sparse_grads) = results
-    assert (dense_stats["aux"] > 0) == bool(dead_ids)  # aux-k ran exactly when a latent was dead
+    assert (dense_stats["aux"] > 0) == bool(n_dead)  # aux-k ran exactly when an unfired latent was dead
     for key in ("loss", "rec", "aux", "prefix_losses", "l0", "min_act"):
         assert torch.allclose(dense_stats[key], sparse_stats[key], rtol=1e-5), key
     assert torch.equal(dense_f != 0, sparse_f != 0) and torch.allclose(dense_f, sparse_f, atol=1e-6)

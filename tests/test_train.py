@@ -3,17 +3,23 @@
 Every test trains on the embedded offline default (prepare.py's tiny random GPT-NeoX and its
 standard-library tokens), shrunk so that a run takes seconds.
 """
+import copy
+import importlib.util
 import os
 import platform
+import re
 import resource
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import configurator
 import model as model_lib
 import prepare
 import sae as sae_lib
@@ -32,7 +38,6 @@ def fast_settings(tiny, out_dir, *overrides):
 
 
 def harvester(tiny, **settings):
-    import configurator
     cfg = configurator.configure(vars(train), fast_settings(tiny, "unused"))
     for k, v in settings.items():
         setattr(cfg, k, v)
@@ -99,23 +104,119 @@ def test_masked_positions_can_be_dropped_as_an_ablation(tiny):
 
 # --- the loop ---------------------------------------------------------------------------------
 
+def step_settings(*overrides):
+    return configurator.configure(vars(train), ["--batch_size=64", *overrides])
+
+
+def one_step(s, x, dead, step, cfg):
+    optimizer = torch.optim.Adam(s.parameters(), lr=1e-3, fused=True)
+    return train.sae_step(s, s.training_loss, optimizer, dead, x, step, 1e-3, cfg, 1,
+                          torch.autocast("cpu", enabled=False))
+
+
 def test_sae_step_keeps_the_dead_counters_and_sets_the_threshold():
     """The bookkeeping after a step, checked against the dense latents of the same forward pass:
     a latent that fired is reset to 0 tokens, every other one ages by the batch; an unset
     threshold takes the smallest kept activation (training.md §1.9, §1.11)."""
-    import configurator
-    cfg = configurator.configure(vars(train), ["--batch_size=64", "--threshold_start=0", "--dead_tokens=10000"])
+    cfg = step_settings("--threshold_start=0", "--dead_tokens=10000")
     s = sae_lib.SAE(16, 32, arch="batchtopk", k=2, seed=0)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         idx, vals = s.training_loss(x)[2]  # the kept latents: flat indices into (64, 32), values
     dead = torch.full((32,), 100)
-    optimizer = torch.optim.Adam(s.parameters(), lr=1e-3, fused=True)
-    train.sae_step(s, s.training_loss, optimizer, dead, x, 0, 1e-3, cfg, 1, torch.autocast("cpu", enabled=False))
+    one_step(s, x, dead, 1, cfg)
     fired = torch.zeros(32, dtype=torch.bool).index_fill_(0, idx[vals > 0] % 32, True)
     assert 0 < fired.sum() < 32
     assert torch.equal(dead, torch.where(fired, 0, 164))
     assert s.threshold.item() == vals[vals > 0].min().item()
+
+
+def test_threshold_ema_starts_after_threshold_start():
+    """dictionary_learning updates θ when step > threshold_start_step (0-based steps)."""
+    cfg = step_settings("--threshold_start=3", "--dead_tokens=10000")
+    s = sae_lib.SAE(16, 32, arch="batchtopk", k=2, seed=0)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    one_step(s, x, torch.zeros(32, dtype=torch.long), 3, cfg)
+    assert s.threshold.item() == -1
+    one_step(s, x, torch.zeros(32, dtype=torch.long), 4, cfg)
+    assert s.threshold.item() > 0
+
+
+def test_a_latent_joins_aux_k_on_the_step_it_reaches_dead_tokens():
+    """dictionary_learning adds the batch to the dead counters before aux-k reads them: a latent
+    that this batch takes to dead_tokens gets aux-k now and counts as dead now; one that fires in
+    it does not."""
+    cfg = step_settings("--dead_tokens=1000")
+    s = sae_lib.SAE(16, 32, arch="batchtopk", k=2, seed=0)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(s)
+    with torch.no_grad():
+        fired = reference.training_loss(x)[1]["fired"]
+        expected_aux = reference.training_loss(x, ~fired)[1]["aux"]
+    dead = torch.full((32,), 1000 - 64)  # every latent one batch short of dead
+    stats = one_step(s, x, dead, 100, cfg)
+    assert 0 < fired.sum() < 32 and expected_aux > 0
+    assert stats["aux"] == expected_aux
+    assert torch.equal(dead >= cfg.dead_tokens, ~fired)  # the latents the loop logs as dead
+
+
+def test_lr_warms_up_from_0_at_step_0_as_dictionary_learning():
+    """LambdaLR with step / warmup_steps, constant, then linear decay to 0 from decay_start."""
+    cfg = step_settings("--lr=1.0", "--warmup_steps=10", "--decay_start=0.8")
+    lrs = [train.lr_at(step, 100, cfg) for step in range(100)]
+    assert lrs[:3] == [0.0, 0.1, 0.2] and lrs[9] == 0.9 and lrs[10:81] == [1.0] * 71
+    assert lrs[90] == 0.5 and lrs[99] == pytest.approx(0.05)
+
+
+# Our sae_step and lr_at next to dictionary_learning's MatryoshkaBatchTopKTrainer.update on the same
+# fp64 batches, through warmup, aux-k (dead latents) and the threshold EMA. In a subprocess: importing
+# dictionary_learning imports nnsight, which patches torch (torch.compile fails afterwards).
+_DICTIONARY_LEARNING_PARITY = """
+import contextlib, torch
+import configurator, sae as sae_lib, train
+from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+T, B, d, F, k = 12, 64, 16, 256, 2
+cfg = configurator.configure(vars(train), [f"--batch_size={B}", "--lr=0.001", "--warmup_steps=3",
+                             "--decay_start=0.75", "--threshold_start=4", "--dead_tokens=256"])
+ours = sae_lib.SAE(d, F, k=k, seed=0).double()
+trainer = MatryoshkaBatchTopKTrainer(steps=T, activation_dim=d, dict_size=F, k=k, layer=0, lm_name="parity",
+                                     group_fractions=cfg.group_fractions, lr=cfg.lr, warmup_steps=3,
+                                     decay_start=9, threshold_start_step=4, device="cpu")
+trainer.ae.double()
+trainer.dead_feature_threshold = cfg.dead_tokens  # 10M, fixed in the library
+with torch.no_grad():
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        getattr(trainer.ae, name).copy_(getattr(ours, name))
+optimizer = torch.optim.Adam(ours.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)  # as train.py
+dead, generator, most_dead, worst = torch.zeros(F, dtype=torch.long), torch.Generator().manual_seed(0), 0, 0.0
+for step in range(T):
+    x = torch.randn(B, d, dtype=torch.float64, generator=generator) * torch.linspace(0.1, 1, d, dtype=torch.float64)
+    trainer.update(step, x.clone())
+    if step == 0:  # its geometric median as b_dec (lr 0 at step 0 leaves it there); ours is close
+        assert torch.allclose(sae_lib.geometric_median(x), trainer.ae.b_dec, rtol=1e-3, atol=1e-4)
+        ours.b_dec.data.copy_(trainer.ae.b_dec)
+    train.sae_step(ours, ours.training_loss, optimizer, dead, x, step, train.lr_at(step, T, cfg), cfg, 1,
+                   contextlib.nullcontext())
+    assert torch.equal(dead, trainer.num_tokens_since_fired), step
+    most_dead = max(most_dead, trainer.dead_features)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        a, b = getattr(ours, name), getattr(trainer.ae, name).double()
+        worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
+print("dead", most_dead, "worst relative difference", worst)
+# 1e-5, not fp64's 1e-15: its gradient projection divides by ||w|| + 1e-6 (trainer.py,
+# remove_gradient_parallel_to_decoder_directions), and Adam magnifies what that leaves of a
+# gradient entry near 0 (without the 1e-6: 1e-7, from its aux-k and θ in fp32)
+assert most_dead > 0 and ours.threshold > 0 and worst < 1e-5
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dictionary_learning") is None,
+                    reason="dictionary_learning is not installed (optional)")
+def test_steps_match_dictionary_learning():
+    result = subprocess.run([sys.executable, "-c", _DICTIONARY_LEARNING_PARITY], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *sys.path])})
+    assert result.returncode == 0, result.stderr
+    print(result.stdout)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
@@ -148,6 +249,57 @@ def test_training_writes_one_loadable_sae_per_k(tiny, tmp_path, capsys):
         assert fvu < 1.0
 
 
+def test_the_default_run_has_dead_latents_and_runs_aux_k(tiny, tmp_path, monkeypatch):
+    """The tiny default scales dead_tokens to its length as the paper's run does (10M of 500M
+    tokens), so its log's dead count and aux-k are live, as in the real run. Stopped a few steps
+    after the first latent can be dead."""
+    tiny_cfg = configurator.configure(vars(train), [os.path.join(ROOT, "configs", "tiny.py")])
+    paper = configurator.configure(vars(train), [os.path.join(ROOT, "configs", "pythia160m.py")])
+    assert vars(tiny_cfg) == configurator.defaults(vars(train))  # configs/tiny.py is the default
+    assert tiny_cfg.dead_tokens / tiny_cfg.total_tokens == pytest.approx(paper.dead_tokens / paper.total_tokens)
+    real_step, seen = train.sae_step, []
+
+    def step_and_count(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
+        stats = real_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast)
+        seen.append((stats["aux"].item(), int((dead >= cfg.dead_tokens).sum())))
+        if step == cfg.dead_tokens // cfg.batch_size + 5:
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(train, "sae_step", step_and_count)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", f"--out_dir={tmp_path}/run"])
+    assert any(aux > 0 and n_dead > 0 for aux, n_dead in seen), seen
+
+
+def test_eta_is_the_mean_step_time_and_the_run_says_how_long_it_took(tiny, tmp_path, monkeypatch, capsys):
+    """A fake clock: each SAE step takes 30 s, each LLM batch 300 s (the buffer refills every 4
+    steps). Over 2-step log intervals the rate of the last interval swings 7x; the ETA must stay
+    near the time the run really had left."""
+    clock, after_step = [0.0], {}
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    real_step, real_harvest = train.sae_step, train.Harvester.next_acts
+
+    def slow_step(*args):
+        clock[0] += 30
+        after_step[args[5] + 1] = clock[0]
+        return real_step(*args)
+
+    def slow_harvest(self):
+        clock[0] += 300
+        return real_harvest(self)
+
+    monkeypatch.setattr(train, "sae_step", slow_step)
+    monkeypatch.setattr(train.Harvester, "next_acts", slow_harvest)
+    train.main(fast_settings(tiny, tmp_path / "run", "--log_interval=2"))
+    out = capsys.readouterr().out
+    etas = {int(step): float(eta) for step, eta in re.findall(r"step (\d+)/30 .* eta ([\d.]+) min", out)}
+    for step in range(8, 24, 2):  # once a few refills are in the mean, and while a few are ahead
+        left = (after_step[30] - after_step[step]) / 60
+        assert 0.7 < etas[step] / left < 1.4, (step, etas[step], left)
+    assert re.search(r"done in [\d.]+ min: SAEs in", out)
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
     train.main(fast_settings(tiny, tmp_path / "straight"))
 
@@ -178,6 +330,23 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tiny, tmp_path):
         train.main(fast_settings(tiny, tmp_path / "run", "--resume=True", "--mask_prob=0.1", "--lr=0.01"))
     with pytest.raises(FileExistsError, match="--resume=True"):
         train.main(fast_settings(tiny, tmp_path / "run"))
+
+
+def test_resume_knows_its_folders_however_they_are_spelled(tiny, tmp_path, monkeypatch, capsys):
+    """The checkpoint is found in out_dir, so out_dir is the run's folder: a trailing slash, a
+    relative path and a moved folder all resume it. model_dir and tokens_dir are compared as the
+    folders they name."""
+    settings = ("--total_tokens=2560", "--resume=True")
+    train.main(fast_settings(tiny, tmp_path / "run", "--total_tokens=2560"))
+    monkeypatch.chdir(tmp_path)
+    train.main(fast_settings(tiny, f"{tmp_path}/run/", *settings))
+    train.main(fast_settings(tiny, "run", *settings, f"--tokens_dir={os.path.relpath(tiny, tmp_path)}/tokens/"))
+    os.rename(tmp_path / "run", tmp_path / "moved")
+    train.main(fast_settings(tiny, tmp_path / "moved", *settings))
+    assert capsys.readouterr().out.count("resumed") == 3
+    shutil.copytree(tiny / "tokens", tmp_path / "tokens")
+    with pytest.raises(ValueError, match="tokens_dir"):  # another folder may hold another corpus
+        train.main(fast_settings(tiny, tmp_path / "moved", *settings, f"--tokens_dir={tmp_path}/tokens"))
 
 
 def test_compiled_step_runs_on_cpu(tiny, tmp_path):

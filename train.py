@@ -459,7 +459,7 @@ def train(cfg, device, rank, world, log):
     names = [f"l1_{v:g}" if cfg.arch == "relu" else f"k{v}" for v in sweep]
     meta_cfg = dict(model=cfg.model_dir, tokens_dir=cfg.tokens_dir, layer=cfg.layer, hook=f"blocks.{cfg.layer}.hook_resid_post",
                     mask_prob=cfg.mask_prob, mask_token=cfg.mask_token,
-                    train_on_masked=cfg.train_on_masked, training_tokens=cfg.total_tokens, seed=cfg.seed)
+                    train_on_masked=cfg.train_on_masked, training_tokens=cfg.total_tokens)
     saes = []
     for v in sweep:
         extra = dict(l1_coefficient=float(v)) if cfg.arch == "relu" else {}

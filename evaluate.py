@@ -24,10 +24,13 @@ against L0 next to it (when matplotlib is installed). Runs are grouped into arms
 the first run's arm is the baseline. The Markdown gives each arm's mean over seeds with a 95%
 interval, the paired Δ with its interval and p-value, n, the same at matched L0, and what the
 numbers rest on. Several seeds of both arms:
-  for s in 0 1 2; do for p in 0.0 0.3; do python train.py --seed=$s --mask_prob=$p --out_dir=out/tiny_p${p}_s$s; done; done
-  python evaluate.py out/tiny_p0.0_s* out/tiny_p0.3_s* LLM activations are cached in `cache_dir`, keyed by the model, the
-layer and the exact token rows, so every SAE on one model/layer (and later runs) shares them;
-model-level probes are trained once per invocation and seeded, so reruns reproduce them.
+  for s in 0 1 2; do for p in 0.0 0.3; do
+    python train.py --seed=$s --mask_prob=$p --out_dir=out/tiny_p${p}_s$s
+  done; done
+  python evaluate.py out/tiny_p0.0_s* out/tiny_p0.3_s*
+LLM activations are cached in `cache_dir`, keyed by the model, the layer and the exact token
+rows, so every SAE on one model/layer (and later runs) shares them; model-level probes are trained
+once per invocation and seeded, so reruns reproduce them.
 
 Data: one folder per dataset under `eval_data_dir` (e.g. data/eval/):
   <name>/train.jsonl, <name>/test.jsonl   one JSON object per line: {"text": str, "label": str,

@@ -49,6 +49,7 @@ import ast
 import contextlib
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -1486,6 +1487,7 @@ def _labels_with_data(arms):
     return [label for label in _LABELS if any(_finite(_value(r, label)) for r in results)]
 
 
+@functools.lru_cache
 def t_quantile(df, level=0.95):
     """The two-sided Student-t quantile: P(|T| ≤ q) = level for integer df ≥ 1, by bisection on
     the closed-form CDF of Abramowitz & Stegun 26.7.3-4 (numpy has no t distribution)."""
@@ -1757,6 +1759,7 @@ def plot_comparison(arms, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("note: matplotlib is not installed, no plot written")
         return
@@ -1781,15 +1784,19 @@ def plot_comparison(arms, path):
                 drawn = True
         if drawn:
             ax.set_xscale("log")
+            for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis(matplotlib.ticker.FormatStrFormatter("%g"))
         else:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("L0 (clean text)")
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("mean over seeds, bars: 95% t interval (none with 1 seed)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)

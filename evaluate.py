@@ -1443,14 +1443,15 @@ _LABELS = [f"{label} {arrow}".strip() for label, _, _, arrow in _HEADLINE]
 _PAIR_KEYS = {"seed", "k", "l1_coefficient", "scale"}  # SAE cfg keys that vary inside one arm
 _EXACT_MAX_PAIRS = 16              # sign-flip test: all 2^n patterns up to here, else random ones
 _RANDOM_FLIPS = 2 ** 16
-_METHOD = (
-    "Each arm's number is the mean over training seeds with a 95% Student-t interval, and each "
-    "masked-minus-baseline Δ is the mean of differences paired by seed and k (at matched L0: by seed "
-    "and L0) with a 95% t interval and a two-sided sign-flip permutation p-value (exact over all 2^n "
-    "sign patterns); n counts seeds, since one seed's SAEs share their data, masks and init, so the "
-    "'all k' row first averages each seed's paired differences over k. Matched-L0 rows interpolate "
-    "each run's metric linearly in log(L0), measured on clean text, between its SAEs, and only inside "
-    "the L0 range that every arm covers in every seed (no extrapolation).")
+_METHOD = (  # the README says the same
+    "Each arm's number is its mean over training seeds with a 95% Student-t interval, and each Δ "
+    "(masked − baseline) is the mean of differences between SAEs paired by seed and k, with a 95% t "
+    "interval and a two-sided sign-flip permutation p-value (exact over all 2^n sign patterns, so 2 "
+    "seeds can never give p < 0.5); n counts seeds, and the 'all k' row first averages each seed's "
+    "differences over k, since one seed's SAEs share their data, masks and initialisation. "
+    "Matched-L0 rows interpolate each run's metric linearly in log(L0), with L0 measured on clean "
+    "text at inference, and compare the arms in the same paired way only inside the L0 range that "
+    "every arm covers in every seed (no extrapolation).")
 
 
 def headline(result):
@@ -1664,6 +1665,7 @@ def comparison_table(arms):
     every arm has in every seed. arms: group_arms's {arm: {seed: {SAE name: eval.json}}}."""
     base, others = arms[next(iter(arms))], list(arms.values())[1:]
     names = list(dict.fromkeys(n for arm in arms.values() for saes in arm.values() for n in saes))
+    common = [n for n in names if all(n in saes for arm in arms.values() for saes in arm.values())]
     rows = []
     for label in _labels_with_data(arms):
         for name in names:
@@ -1671,7 +1673,6 @@ def comparison_table(arms):
                            for o in others]
             if comparisons[0]["base"][3] + sum(c["other"][3] for c in comparisons):
                 rows.append((label, name, comparisons))
-        common = [n for n in names if all(n in saes for arm in arms.values() for saes in arm.values())]
         if len(common) > 1 and label != "L0":
             rows.append((label, f"all k ({len(common)} SAEs)", [
                 paired_comparison(_per_seed_mean_over(base, common, label), _per_seed_mean_over(o, common, label))

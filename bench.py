@@ -21,7 +21,7 @@ mapping fresh pages for every big tensor costs both SAE steps here speed (dictio
   python bench.py                          # the full table, ~10 min on 2 CPU cores
   python bench.py --quick=True             # tiny shapes, no compile: a smoke test in seconds
   python bench.py --json_path=bench.json   # also write the table as JSON
-  python bench.py --device=cuda --gpu_report=out/gpu.json   # the GPU figures, < 8 min on one GPU
+  python bench.py --device=cuda --gpu_report=out/gpu.json   # GPU figures; sized for < 8 min, not yet run on one
 
 --gpu_report (CUDA only; refused on a CPU) runs the table's rows on the GPU, then train.py in a
 subprocess at configs/pythia160m.py's shape (Pythia-160M, layer 8, ctx 1024, four SAEs of 4096

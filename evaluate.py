@@ -1754,8 +1754,8 @@ def comparison_report(runs, matched_points=3):
 
 def plot_comparison(arms, path):
     """One panel per headline metric against measured L0 (log axis): per arm, a point per SAE
-    name at the seeds' mean L0 and mean metric with 95% interval bars on both; an empty panel says
-    "no data". Skipped (with a note) when matplotlib is missing."""
+    name at the seeds' mean L0 and mean metric, with the metric's 95% interval and the seeds' L0
+    range as bars; an empty panel says "no data". Skipped (with a note) when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1776,7 +1776,8 @@ def plot_comparison(arms, path):
                 pairs = [(_value(saes.get(name), "L0"), _value(saes.get(name), label)) for saes in by_seed.values()]
                 pairs = [(x, y) for x, y in pairs if _finite(x) and _finite(y)]
                 if pairs:
-                    points.append((mean_interval([x for x, _ in pairs]), mean_interval([y for _, y in pairs])))
+                    l0 = [x for x, _ in pairs]  # the seeds' L0 range: a t interval of 2 would span decades
+                    points.append(((np.mean(l0), min(l0), max(l0)), mean_interval([y for _, y in pairs])))
             if points:
                 points.sort(key=lambda p: p[0][0])
                 ax.errorbar([p[0][0] for p in points], [p[1][0] for p in points],
@@ -1796,7 +1797,8 @@ def plot_comparison(arms, path):
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("mean over seeds, bars: 95% t interval (none with 1 seed)", fontsize=9)
+    fig.suptitle("mean over seeds; vertical bars: 95% t interval (none with 1 seed), horizontal: the seeds' "
+                 "L0 range", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

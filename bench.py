@@ -21,6 +21,12 @@ mapping fresh pages for every big tensor costs both SAE steps here speed (dictio
   python bench.py                          # the full table, ~10 min on 2 CPU cores
   python bench.py --quick=True             # tiny shapes, no compile: a smoke test in seconds
   python bench.py --json_path=bench.json   # also write the table as JSON
+  python bench.py --device=cuda --gpu_report=out/gpu.json   # GPU figures; sized for < 8 min, not yet run on one
+
+--gpu_report (CUDA only; refused on a CPU) runs the table's rows on the GPU, then train.py in a
+subprocess at configs/pythia160m.py's shape (Pythia-160M, layer 8, ctx 1024, four SAEs of 4096
+latents, batch 2048) on a random-weight Pythia-160M and the stdlib tokens, for gpu_train_steps
+steps, and writes every figure (the GPU, the rows, the run's wall time and tokens/s) to one JSON.
 
 transformers (a test-only dependency) and dictionary_learning are imported lazily; their rows are
 skipped with a note when they are missing. dictionary-learning pulls torchvision, which breaks next
@@ -36,14 +42,20 @@ to the CPU build of torch, so it lives in its own venv:
 import contextlib
 import json
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 
+from safetensors.torch import save_file
+
 import configurator
 import model as model_lib
+import prepare
 import sae as sae_lib
 import train
 
@@ -70,6 +82,10 @@ compile = True                     # also time the torch.compile'd step
 cache_dir = ""                     # where the random checkpoints are written once ("" = <tmp>/sae-bench)
 json_path = ""                     # write the table here too
 seed = 0
+# GPU figures
+gpu_report = ""                    # CUDA only: the rows + a short train.py run, all figures in this JSON
+gpu_train_steps = 300              # SAE steps of that run at configs/pythia160m.py's shape
+gpu_train_timeout = 300            # seconds; the whole report stays under 8 minutes
 
 _PYTHIA = dict(  # EleutherAI/pythia-160m-deduped's config.json
     architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", vocab_size=50304, hidden_size=768,
@@ -82,6 +98,7 @@ _GEMMA = dict(  # google/gemma-2-2b's config.json, blocks cut to gemma_layers
     hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=256,
     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096, rms_norm_eps=1e-6,
     rope_theta=10000.0, max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+_GPU = dict(sae_shapes=[[4096, 20], [4096, 160]])  # the paper's width only: compiling takes GPU minutes
 _QUICK = dict(ctx_lens=[32], harvest_tokens=128, gemma_tokens=64, layer=1, gemma_layers=2, batch_size=256,
               sae_d_in=64, sae_shapes=[[512, 8]], repeats=2, warmup=1, compile=False)
 
@@ -248,6 +265,74 @@ def sae_rows(cfg, F, k, rival):
 
 
 # -----------------------------------------------------------------------------
+# GPU report: a short real training run at Pythia-160M's shape
+
+def random_pythia(folder, hub_config, tokenizer_dir, seed):
+    """A random-weight GPT-NeoX folder from model.py's own init, saved under the HF tensor names
+    (random values need no layout conversion), so the run needs no transformers; the tokenizer
+    is another folder's (its ids must fit the config's vocabulary)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hub_config, f, indent=2)
+    torch.manual_seed(seed)
+    cfg = model_lib.read_config(folder)
+    state = {model_lib.hf_tensor_names(cfg, name)[0]: t.contiguous()
+             for name, t in model_lib.Transformer(cfg).state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(tokenizer_dir, "tokenizer.json")) as src, \
+            open(os.path.join(folder, "tokenizer.json"), "w") as dst:
+        dst.write(src.read())
+
+
+def training_figures(log, wall_s, steps, batch_size):
+    """Figures of one train.py run from its wall time and its log: the last logged harvest and SAE
+    rates and the buffer fill time (None where the log does not say)."""
+    rates = re.findall(r"harvest ([\d.]+)k tok/s, sae ([\d.]+)k tok/s", log)
+    fill = re.findall(r"buffer filled in ([\d.]+)s", log)
+    return dict(steps=steps, tokens=steps * batch_size, wall_s=wall_s,
+                tok_s_end_to_end=steps * batch_size / wall_s,
+                harvest_tok_s_last_log=float(rates[-1][0]) * 1e3 if rates else None,
+                sae_tok_s_last_log=float(rates[-1][1]) * 1e3 if rates else None,
+                buffer_fill_s=float(fill[-1]) if fill else None)
+
+
+def training_run(cfg, workdir, hub_config, steps, extra=()):
+    """train.py configs/pythia160m.py in a subprocess on a random model of hub_config's shape and
+    the tiny default's stdlib tokens (prepare.py); its figures, or its return code and log tail."""
+    tiny = os.path.join(workdir, "tiny")
+    prepare.main([f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens"])
+    random_pythia(os.path.join(workdir, "model"), hub_config, os.path.join(tiny, "model"), cfg.seed)
+    batch_size = 2048  # configs/pythia160m.py's
+    command = [sys.executable, "train.py", "configs/pythia160m.py", f"--model_dir={workdir}/model",
+               f"--tokens_dir={tiny}/tokens", f"--out_dir={workdir}/run", f"--device={cfg.device}",
+               f"--batch_size={batch_size}", f"--total_tokens={steps * batch_size}",
+               f"--log_interval={max(1, steps // 5)}", "--ckpt_interval=1000000", *extra]
+    print("training run: " + " ".join(command), flush=True)
+    t0 = time.time()
+    try:
+        done = subprocess.run(command, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                              text=True, timeout=cfg.gpu_train_timeout)
+    except subprocess.TimeoutExpired as e:  # its output comes back as bytes even with text=True
+        log = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        return dict(command=command, error=f"timed out after {cfg.gpu_train_timeout} s", log_tail=log[-3000:])
+    if done.returncode != 0:
+        return dict(command=command, error=f"train.py exited with {done.returncode}",
+                    log_tail=(done.stdout + done.stderr)[-3000:])
+    return dict(command=command, **training_figures(done.stdout, time.time() - t0, steps, batch_size))
+
+
+def write_json(path, obj):
+    """Atomically: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
 
 def print_table(rows):
     print(f"\n{'row':<40} {'ours tok/s':>11}  {'vs':<50} {'tok/s':>9} {'ratio':>7}  {'% of limit':>10}")
@@ -266,6 +351,12 @@ def print_table(rows):
 
 def main(argv):
     cfg = configurator.configure(globals(), argv, __doc__)
+    if cfg.gpu_report and not (cfg.device.startswith("cuda") and torch.cuda.is_available()):
+        raise SystemExit(f"bench.py: --gpu_report needs a CUDA GPU and --device=cuda (here device={cfg.device}, "
+                         f"torch.cuda.is_available()={torch.cuda.is_available()}); nothing was run")
+    t_start = time.time()
+    if cfg.gpu_report:
+        vars(cfg).update(_GPU)
     if cfg.quick:
         vars(cfg).update(_QUICK)
     cfg.device = model_lib.resolve_device(cfg.device)
@@ -299,15 +390,16 @@ def main(argv):
     print_table(rows)
     load_after = os.getloadavg()
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (2 cores; > 2 means shared)")
+    result = dict(settings=vars(cfg), torch=torch.__version__, threads=torch.get_num_threads(),
+                  load_average=[load_before[0], load_after[0]], rows=rows)
     if cfg.json_path:
-        result = dict(settings=vars(cfg), torch=torch.__version__, threads=torch.get_num_threads(),
-                      load_average=[load_before[0], load_after[0]], rows=rows)
-        with open(cfg.json_path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(cfg.json_path + ".tmp", cfg.json_path)
-        print(f"wrote {cfg.json_path}")
+        write_json(cfg.json_path, result)
+    if cfg.gpu_report:
+        with tempfile.TemporaryDirectory() as workdir:
+            result["training"] = training_run(cfg, workdir, _PYTHIA, cfg.gpu_train_steps)
+        result.update(gpu=torch.cuda.get_device_name(cfg.device), cuda=torch.version.cuda,
+                      wall_s=time.time() - t_start)
+        write_json(cfg.gpu_report, result)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class SAE(nn.Module):
             raise ValueError(f"unknown SAE arch '{arch}', expected one of {ARCHS}")
         sizes = matryoshka_group_sizes(d_sae, group_fractions) if arch == "matryoshka_batchtopk" else [d_sae]
         self.cfg = dict(arch=arch, d_in=d_in, d_sae=d_sae, k=None if arch == "relu" else k,
-                        group_sizes=sizes, scale=1.0, **meta)
+                        group_sizes=sizes, scale=1.0, seed=seed, **meta)  # train.py passes the run's seed
         if arch == "relu":
             self.cfg["l1_coefficient"] = l1_coefficient
         generator = torch.Generator().manual_seed(seed)

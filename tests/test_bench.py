@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,3 +29,51 @@ def test_quick_bench_writes_every_row(tmp_path):
     step = rows["sae step d64 F512 k8 B256 eager"]
     assert step["ours_tok_s"] > 0 and step["limit_tok_s"] > 0
     assert abs(step["pct_of_limit"] - 100 * step["ours_tok_s"] / step["limit_tok_s"]) < 1e-9
+
+
+# ----------------------------------------------------------------------------- the GPU report
+# It needs a CUDA GPU, so only what runs without one is tested here: the refusal, the random
+# Pythia-shaped folder train.py is given, and the figures read from a train.py log.
+
+def test_gpu_report_is_refused_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    import bench
+    with pytest.raises(SystemExit, match=r"--gpu_report needs a CUDA GPU .*device=cpu"):
+        bench.main([f"--gpu_report={tmp_path}/gpu.json"])  # the default device
+    result = subprocess.run([sys.executable, "bench.py", "--device=cuda", f"--gpu_report={tmp_path}/gpu.json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [  # one line, no traceback
+        "bench.py: --gpu_report needs a CUDA GPU and --device=cuda (here device=cuda, "
+        "torch.cuda.is_available()=False); nothing was run"]
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_random_pythia_folder_loads_at_the_given_shape(tmp_path):
+    import bench
+    import model as model_lib
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    hub = dict(bench._PYTHIA, vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64)
+    bench.random_pythia(str(tmp_path / "m"), hub, str(tmp_path / "tok"), seed=0)
+    m = model_lib.load(str(tmp_path / "m"))
+    assert (m.cfg.d_model, m.cfg.n_layer, m.cfg.vocab_size) == (32, 2, 64)
+    out = m.resid_post(torch.randint(2, 64, (2, 8)), 1)
+    assert out.shape == (2, 8, 32) and torch.isfinite(out).all()
+    assert (tmp_path / "m" / "tokenizer.json").read_text() == "{}"
+
+
+def test_training_figures_come_from_the_wall_time_and_the_log(tmp_path):
+    import bench
+    log = ("buffer filled in 2.5s\n"
+           "step 50/300 | k20 loss 0.1 | harvest 900.0k tok/s, sae 1500.5k tok/s | eta 0.1 min\n"
+           "step 300/300 | k20 loss 0.1 | harvest 1200.0k tok/s, sae 1800.0k tok/s | eta 0.0 min\n")
+    figures = bench.training_figures(log, wall_s=60.0, steps=300, batch_size=2048)
+    assert figures == dict(steps=300, tokens=614400, wall_s=60.0, tok_s_end_to_end=10240.0,
+                           harvest_tok_s_last_log=1.2e6, sae_tok_s_last_log=1.8e6, buffer_fill_s=2.5)
+    assert bench.training_figures("", 1.0, 1, 1)["sae_tok_s_last_log"] is None  # a log without rates
+    bench.write_json(str(tmp_path / "r" / "gpu.json"), dict(training=figures))
+    assert json.loads((tmp_path / "r" / "gpu.json").read_text())["training"] == figures
+    assert os.listdir(tmp_path / "r") == ["gpu.json"]  # no .tmp left

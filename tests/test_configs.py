@@ -13,7 +13,20 @@ CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "conf
 
 
 def test_the_real_run_configs_are_shipped():
-    assert {"tiny.py", "pythia160m.py", "gemma2_2b.py", "saebench.py"} <= {Path(p).name for p in CONFIGS}
+    assert {"gemma3_270m.py", "tiny.py", "pythia160m.py", "gemma2_2b.py", "saebench.py"} <= {
+        Path(p).name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("stage", [prepare, train, evaluate], ids=["prepare", "train", "evaluate"])
+def test_the_default_is_gemma3_270m_spelled_out(stage):
+    """configs/gemma3_270m.py changes nothing: it documents the scripts' own defaults."""
+    path = str(Path(__file__).resolve().parent.parent / "configs" / "gemma3_270m.py")
+    spelled_out, defaults = vars(configurator.configure(vars(stage), [path])), configurator.defaults(vars(stage))
+    if stage is evaluate:  # by default it reads model_dir, layer and tokens_dir from each SAE's cfg.json
+        assert (defaults["model_dir"], defaults["layer"], defaults["tokens_dir"]) == ("", -1, "")
+        for key in ("model_dir", "layer", "tokens_dir"):
+            spelled_out[key] = defaults[key]
+    assert spelled_out == defaults
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).name)

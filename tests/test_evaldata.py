@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 import configurator
 import evaluate
 import prepare
+from conftest import TINY_CONFIG
 
 zstandard = pytest.importorskip("zstandard")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -88,7 +89,7 @@ def test_prepare_tokenizes_the_sae_probes_corpus(wheel, tmp_path):
     prepare.train_tiny_tokenizer(documents).save(str(model_dir / "tokenizer.json"))
     (model_dir / "config.json").write_text(json.dumps({"eos_token_id": 0, "bos_token_id": 0}))
     save_file({"w": torch.zeros(1)}, str(model_dir / "model.safetensors"))
-    prepare.main([f"--model={model_dir}", f"--model_dir={model_dir}", "--dataset=sae-probes",
+    prepare.main([TINY_CONFIG, f"--model={model_dir}", f"--model_dir={model_dir}", "--dataset=sae-probes",
                   f"--tokens_dir={tmp_path}/tokens", "--val_fraction=0.2", "--eval_sets=[]"])
     meta = prepare.open_tokens(tmp_path / "tokens")[1]
     assert meta["source"] == "sae-probes" and sum(meta["documents"].values()) == len(documents)
@@ -189,8 +190,8 @@ def test_an_unknown_set_is_refused_before_any_work(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("configs", [[], ["pythia160m.py", "saebench.py"], ["sae_probes.py"]],
-                         ids=["defaults", "saebench", "sae_probes"])
+@pytest.mark.parametrize("configs", [[], ["pythia160m.py", "saebench.py"], ["tiny.py"]],
+                         ids=["defaults", "saebench", "tiny"])
 def test_prepare_builds_every_set_that_evaluate_reads(configs):
     paths = [str(CONFIGS / name) for name in configs]
     reads, builds = configurator.configure(vars(evaluate), paths), configurator.configure(vars(prepare), paths)
@@ -203,7 +204,7 @@ def test_prepare_builds_every_set_that_evaluate_reads(configs):
 # ----------------------------------------------------------------------------- evaluate.py reads
 
 def test_evaluate_says_which_prepare_command_makes_a_missing_set(tmp_path):
-    cfg = configurator.configure(vars(evaluate), [f"--eval_data_dir={tmp_path}"])
+    cfg = configurator.configure(vars(evaluate), [TINY_CONFIG, f"--eval_data_dir={tmp_path}"])
     for run, name in ((evaluate.run_sparse_probing, "stdlib_docs"), (evaluate.run_scr, "stdlib_docs"),
                       (evaluate.run_ood, "stdlib_kind")):
         with pytest.raises(FileNotFoundError) as error:

@@ -18,6 +18,7 @@ import configurator
 import evaluate as ev
 import model as model_lib
 import sae as sae_lib
+from conftest import TINY_CONFIG
 
 
 def relu_sae(W_enc, W_dec, b_enc=None, b_dec=None):
@@ -676,20 +677,21 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
     on small settings; then a second run for the comparison table and its cache reuse."""
     import prepare
     data = tmp_path / "data"
-    prepare.main([f"--model_dir={data}/model", f"--tokens_dir={data}/tokens", "--max_tokens=20000",
+    prepare.main([TINY_CONFIG, f"--model_dir={data}/model", f"--tokens_dir={data}/tokens", "--max_tokens=20000",
                   "--val_fraction=0.3", f"--eval_data_dir={tmp_path}/eval"])
     for run, seed in (("base", 0), ("masked", 1)):
         for k in (4, 8):
-            s = sae_lib.SAE(128, 64, arch="batchtopk", k=k, seed=seed + k, model=str(data / "model"), layer=1,
+            s = sae_lib.SAE(128, 64, arch="batchtopk", k=k, seed=seed + k, model=str(data / "model"), layer=2,
                             mask_prob=0.3 * seed)
             with torch.no_grad():
                 s.threshold.fill_(0.3)
             sae_lib.save(s, str(tmp_path / run / f"k{k}"))
-    small = [f"--tokens_dir={data}/tokens", f"--eval_data_dir={tmp_path}/eval", f"--cache_dir={tmp_path}/cache",
+    small = [TINY_CONFIG, f"--tokens_dir={data}/tokens", f"--eval_data_dir={tmp_path}/eval", f"--cache_dir={tmp_path}/cache",
              f"--comparison_file={tmp_path}/comparison.md", "--core_tokens=4096", "--core_ce_tokens=2048",
              "--probing_train_per_class=40", "--probing_test_per_class=20", "--scr_train_per_cell=20",
              "--scr_test_per_cell=10", "--ood_pool_rows=150", "--ood_train_per_class=40",
-             "--absorption_min_letter_tokens=30", "--ood_max_tokens=64", "--probing_ctx=32"]
+             "--absorption_min_letter_tokens=10", "--absorption_max_words=800", "--ood_max_tokens=64",
+             "--probing_ctx=32"]
     ev.main([str(tmp_path / "base")] + small)
     result = json.load(open(tmp_path / "base" / "k4" / "eval.json"))
     assert set(ev._RUNNERS) <= set(result)
@@ -706,4 +708,5 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
     assert "SCR (N=20) ↑" in table and "TPP (N=20) ↑" in table
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["comparison.png"]  # one grid, as the README says
     assert result["scr"]["ablation_positions"] == result["tpp"]["ablation_positions"] == ev._ABLATION_LABELS["valid"]
-    assert "tiny model" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tiny model" in out and "a seeded sample of 800 of the" in out

@@ -164,7 +164,7 @@ def test_evaluate_names_a_broken_model_or_sae_file(tiny, tmp_path, monkeypatch, 
 
 def test_bad_settings_and_files_for_train_and_prepare_are_one_line(tiny, tmp_path, monkeypatch, capsys):
     one_line_error(train.main, fast_settings(tiny, tmp_path / "o", "--ks=[0.5]"), monkeypatch, capsys,
-                   "'ks' must list int values like its default [8, 16], got 0.5")
+                   "'ks' must list int values like its default [20, 80], got 0.5")
     one_line_error(train.main, fast_settings(tiny, tmp_path / "o", "--out_dir="), monkeypatch, capsys,
                    "'out_dir' is empty")
     config = tmp_path / "typo.py"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import prepare  # noqa: E402
+from conftest import TINY_CONFIG  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +57,7 @@ def make_model_dir(folder, tokenizer, eos=0, bos=0):
 
 
 def run(model_dir, dataset, tokens_dir, *overrides):
-    prepare.main([f"--model={model_dir}", f"--model_dir={model_dir}", f"--dataset={dataset}",
+    prepare.main([TINY_CONFIG, f"--model={model_dir}", f"--model_dir={model_dir}", f"--dataset={dataset}",
                   f"--tokens_dir={tokens_dir}", "--eval_sets=[]", *overrides])
 
 
@@ -319,7 +320,7 @@ def test_tiny_default_end_to_end(tmp_path, monkeypatch, capsys):
     from transformers import GPTNeoXForCausalLM
     monkeypatch.setattr(prepare, "_TINY_TOKENIZER_CHARS", 300_000)  # seconds, not tens
     model_dir, tokens = tmp_path / "model", tmp_path / "tokens"
-    prepare.main([f"--model_dir={model_dir}", f"--tokens_dir={tokens}", "--max_tokens=20000",
+    prepare.main([TINY_CONFIG, f"--model_dir={model_dir}", f"--tokens_dir={tokens}", "--max_tokens=20000",
                   "--val_fraction=0.1", "--eval_sets=[]"])  # tests/test_evaldata.py builds them
     assert "RANDOM" in capsys.readouterr().out
 

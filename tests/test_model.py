@@ -379,6 +379,28 @@ def test_a_gpu_this_torch_cannot_use_is_one_clear_error():
             model.resolve_device("cuda")
 
 
+@pytest.mark.parametrize("cpu_features, cpu_dtype", [
+    ({"avx512_f": True}, "float32"),             # this machine: AVX512 only, bf16 GEMMs emulated (slow)
+    ({"avx512_f": True, "avx512_bf16": True}, "bfloat16"),
+    ({"amx_tile": True, "amx_bf16": True}, "bfloat16"),
+    ({"architecture": "arm64", "bf16": True}, "bfloat16"),
+])
+def test_auto_dtype_is_bf16_for_gemma_on_cuda_and_on_cpus_with_bf16_units(monkeypatch, cpu_features,
+                                                                          cpu_dtype):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: cpu_features)
+    assert model.resolve_dtype("auto", "gemma3", "cpu") == cpu_dtype
+    assert model.resolve_dtype("auto", "gemma2", "cpu") == cpu_dtype
+    assert model.resolve_dtype("auto", "gpt_neox", "cpu") == "float32"  # SAEBench runs Pythia in fp32
+    for arch in ("gemma2", "gemma3"):
+        assert model.resolve_dtype("auto", arch, "cuda:1") == "bfloat16"  # a name: no GPU needed
+    assert model.resolve_dtype("auto", "gpt_neox", "cuda") == "float32"
+    for setting in ("float32", "bfloat16"):  # an explicit setting is kept everywhere
+        assert model.resolve_dtype(setting, "gemma3", "cpu") == setting
+        assert model.resolve_dtype(setting, "gpt_neox", "cuda") == setting
+    with pytest.raises(ValueError, match="llm_dtype must be one of float32, bfloat16, auto, got 'fp16'"):
+        model.resolve_dtype("fp16", "gemma3", "cpu")
+
+
 def test_layer_and_token_ids_out_of_range(make_hf_model):
     m = model.load(make_hf_model("gpt_neox"))  # 3 layers, vocab 96
     idx = torch.tensor([[5, 6, 7]])

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -352,6 +351,18 @@ def test_resume_knows_its_folders_however_they_are_spelled(tiny, tmp_path, monke
         train.main(fast_settings(tiny, tmp_path / "moved", *settings, f"--tokens_dir={tmp_path}/tokens"))
 
 
+def test_auto_llm_dtype_is_recorded_resolved_so_resume_compares_the_dtype_that_ran(tiny, tmp_path):
+    short = ("--total_tokens=2560", "--ks=[4]")  # one checkpoint, at step 10
+    train.main(fast_settings(tiny, tmp_path / "auto", *short, "--llm_dtype=auto"))
+    _, meta = train._read(tmp_path / "auto" / "checkpoint" / "state.safetensors")
+    assert meta["config"]["llm_dtype"] == "float32"  # auto on the tiny GPT-NeoX: fp32 on any device
+    for same in ("auto", "float32"):  # the same dtype, however it is spelled
+        train.main(fast_settings(tiny, tmp_path / "auto", *short, "--resume=True", f"--llm_dtype={same}"))
+    train.main(fast_settings(tiny, tmp_path / "bf16", *short, "--llm_dtype=bfloat16"))
+    with pytest.raises(ValueError, match="llm_dtype: checkpoint 'bfloat16', now 'float32'"):
+        train.main(fast_settings(tiny, tmp_path / "bf16", *short, "--resume=True"))  # auto: fp32 here
+
+
 def test_compiled_step_runs_on_cpu(tiny, tmp_path):
     train.main(fast_settings(tiny, tmp_path / "compiled", "--compile=on", "--total_tokens=2560",
                              "--ks=[4]"))
@@ -384,6 +395,7 @@ def test_torchrun_two_ranks_on_cpu_matches_one_process(tiny, tmp_path):
     ("--mask_prob=1.5", ConfigError, r"mask_prob must be in \[0, 1\)"),
     ("--ks=[4, 0]", ConfigError, "positive"),
     ("--arch=jumprelu", ConfigError, "arch must be one of"),
+    ("--llm_dtype=fp16", ConfigError, "llm_dtype must be one of"),
     ("--layer=9", ValueError, "layer 9 is out of range"),
     ("--mask_token=hello world", ValueError, "hello world"),
     ("--mask_token=<|endoftext|>", ValueError, "special ids"),

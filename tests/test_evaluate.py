@@ -370,7 +370,7 @@ def test_run_absorption_finds_exactly_the_planted_absorbed_words(tmp_path, n_abs
     """40 words per letter. The SAE has one latent per letter (W_dec = e_letter, threshold 2.5);
     the first n_absorbed 'c' words instead sit at 3·(e_c + e_j)/√2, where the 'c' latent stays
     below threshold and a word-specific latent j fires: those words, and only those, are absorbed."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     rng = random.Random(0)
     alphabet = "abcdefghijklmnopqrstuvwxyz"
     words = sorted({c + "".join(rng.choice(alphabet) for _ in range(5)) for c in alphabet for _ in range(40)})

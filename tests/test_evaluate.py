@@ -686,7 +686,7 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
             with torch.no_grad():
                 s.threshold.fill_(0.3)
             sae_lib.save(s, str(tmp_path / run / f"k{k}"))
-    small = [TINY_CONFIG, f"--tokens_dir={data}/tokens", f"--eval_data_dir={tmp_path}/eval", f"--cache_dir={tmp_path}/cache",
+    small = [TINY_CONFIG, f"--model_dir={data}/model", f"--tokens_dir={data}/tokens", f"--eval_data_dir={tmp_path}/eval", f"--cache_dir={tmp_path}/cache",
              f"--comparison_file={tmp_path}/comparison.md", "--core_tokens=4096", "--core_ce_tokens=2048",
              "--probing_train_per_class=40", "--probing_test_per_class=20", "--scr_train_per_cell=20",
              "--scr_test_per_cell=10", "--ood_pool_rows=150", "--ood_train_per_class=40",

@@ -37,3 +37,16 @@ tpp_tasks = probing_tasks[0:1] + probing_tasks[3:4]  # bios set 1 and amazon
 ood_tasks = [(name, f"sae_probes_ood/id/{name}.jsonl", f"sae_probes_ood/ood/{name}.jsonl") for name in (
     "5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician", "66_living-room",
     "67_social-security", "73_control-group", "87_glue_cola", "90_glue_qnli")]
+
+# SAEBench v0.6.0's sizes (the scripts' defaults are the CPU default's much smaller ones)
+core_tokens = 4_096_000                   # 2000 batches of 16 rows of 128 tokens
+core_ce_tokens = 409_600                  # 200 batches
+core_batch_rows = 16
+absorption_max_words = 0                  # every alphabetic token
+probing_train_per_class = 2000            # 4000 train / 1000 test texts per one-vs-rest probe
+probing_test_per_class = 500
+scr_train_per_cell = 1000
+scr_test_per_cell = 250
+ood_max_tokens = 1024
+ood_pool_rows = 1500                      # SAE-Probes: training rows come from the first 1500 ID rows
+ood_train_per_class = 512

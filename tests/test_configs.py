@@ -42,6 +42,9 @@ def test_saebench_config_names_the_papers_tasks():
     assert cfg.core_dataset == "openwebtext" and cfg.layer == 8
     assert len(cfg.probing_tasks) == 8 and len(cfg.scr_runs) == 8 and len(cfg.tpp_tasks) == 2
     assert len(cfg.ood_tasks) == 8
+    # SAEBench's sizes, not the CPU default's smaller ones
+    assert (cfg.core_tokens, cfg.probing_train_per_class, cfg.absorption_max_words, cfg.ood_pool_rows) == (
+        4_096_000, 2000, 0, 1500)
 
 
 @pytest.mark.parametrize("stage", [prepare, train, evaluate], ids=["prepare", "train", "evaluate"])

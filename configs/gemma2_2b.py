@@ -11,6 +11,7 @@ model_dir = "data/gemma-2-2b"
 dataset = "monology/pile-uncopyrighted"
 tokens_dir = "data/pile-gemma"
 max_tokens = 520_000_000
+val_fraction = 0.01                       # 5M held-out tokens
 
 # train.py
 layer = 12

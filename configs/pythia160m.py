@@ -11,6 +11,7 @@ model_dir = "data/pythia-160m-deduped"
 dataset = "monology/pile-uncopyrighted"   # Pile family, as the paper's "Pile-CC" (README: choices)
 tokens_dir = "data/pile-pythia"
 max_tokens = 520_000_000                  # 500M for training + a margin; wraps around if short
+val_fraction = 0.01                       # 5M held-out tokens
 
 # train.py
 layer = 8

@@ -2,7 +2,11 @@
 ReLU+L1, with everything about it that is not the data pipeline: init, encode/decode, the training
 objective, the decoder constraint, the inference threshold, scale folding, save/load, SAELens export.
 
-Section numbers (§) refer to /work/shared/reference/training.md. train.py owns the loop; a step is
+The § marks name the steps of dictionary_learning's Matryoshka BatchTopK recipe, used in train.py
+too: §1.2 shuffle buffer, §1.3 activation scale, §1.4 init, §1.5 encoder, §1.6 batch top-k, §1.7
+Matryoshka groups, §1.8 prefix losses, §1.9 dead latents, §1.10 aux-k, §1.11 inference threshold,
+§1.12 decoder-gradient projection, §1.13 learning-rate schedule, §1.14 inference; §2 the ReLU+L1
+and TopK relatives; §3 DDP; §5 optional filters. train.py owns the loop; a step is
 
     loss, stats, _ = sae.training_loss(x / s, dead_mask)        # §1.5-1.10
     loss.backward(); project_decoder_grad(sae)                 # §1.12
@@ -66,7 +70,7 @@ class SAE(nn.Module):
 
     def pre_acts(self, x):
         """a = ReLU((x - b_dec) W_enc + b_enc) (§1.5); the ReLU arch has no pre-encoder bias (§2)."""
-        x = x.to(self.W_enc.dtype)  # e.g. Gemma's bf16 residual: the SAE stays fp32 (paper.md #16)
+        x = x.to(self.W_enc.dtype)  # e.g. Gemma's bf16 residual: the SAE stays fp32 (README: the SAE keeps fp32 parameters)
         if self.cfg["arch"] != "relu":
             x = x - self.b_dec
         return torch.relu(x @ self.W_enc + self.b_enc)
@@ -150,7 +154,7 @@ class SAE(nn.Module):
         given) and runs eagerly. The dense path is the plain math with no host sync: it always
         computes aux-k and zeroes it with torch.where when no latent is dead, so it compiles
         without graph breaks; big dense products suit a GPU."""
-        x = x.to(self.W_enc.dtype)  # e.g. Gemma's bf16 residual: the SAE stays fp32 (paper.md #16)
+        x = x.to(self.W_enc.dtype)  # e.g. Gemma's bf16 residual: the SAE stays fp32 (README: the SAE keeps fp32 parameters)
         if self.cfg["arch"] == "relu":  # §2: MSE + λ·mean_b Σ_i f_i ||W_dec,i||
             a = self.pre_acts(x)
             rec = (x - self.decode(a)).pow(2).sum(-1).mean()

@@ -48,7 +48,7 @@ model_dir = "data/gemma-3-270m/model"  # local Hugging Face folder (prepare.py f
 tokens_dir = "data/gemma-3-270m/tokens"  # train.bin/val.bin + meta.json from prepare.py
 layer = 6                          # hook: residual stream after this block (0-based)
 out_dir = "out/gemma3"
-# masking: the paper's regulariser (paper.md §1, §5)
+# masking: the paper's regulariser (README, choices where the paper is silent: masking)
 mask_prob = 0.3                    # probability of replacing an eligible input token
 mask_token = "<mask>"              # must be exactly one token id, never BOS/EOS/pad
 train_on_masked = True             # keep masked positions in the SAE data (False: an ablation)
@@ -64,7 +64,7 @@ ks = [20, 80]                      # one SAE per target L0 (paper: 20, 40, 80, 1
 l1_coefficients = [0.02]           # relu arch only: one SAE per L1 coefficient
 dict_size = 2048                   # latents F (paper: 4096)
 group_fractions = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]  # Matryoshka groups
-# optimisation (training.md §1.12-13)
+# optimisation (sae.py §1.12-13)
 total_tokens = 307_200             # SAE training tokens (paper: 500M)
 batch_size = 1024                  # SAE tokens per step, summed over ranks (paper: 2048)
 lr = 3e-4
@@ -98,7 +98,7 @@ _FOLDER_SETTINGS = {"model_dir", "tokens_dir"}  # compared as the folders they n
 # harvesting: token rows -> masked rows -> residual activations
 
 def mask_tokens(rows, eligible, prob, mask_id, generator):
-    """The paper's corruption: i.i.d. Bernoulli(prob) per eligible position (paper.md §1)."""
+    """The paper's corruption: i.i.d. Bernoulli(prob) per eligible position (arXiv 2604.06495)."""
     draws = torch.rand(rows.shape, generator=generator).to(rows.device)
     masked = (draws < prob) & eligible
     return torch.where(masked, mask_id, rows), masked
@@ -125,7 +125,7 @@ class Harvester:
         self.tokens_masked = self.tokens_eligible = 0
 
     def read_rows(self):
-        """One LLM batch: BOS + ctx_len-1 tokens of the packed stream per row (paper.md §5.9)."""
+        """One LLM batch: BOS + ctx_len-1 tokens of the packed stream per row (README: rows start with BOS, documents joined by EOS)."""
         tokens, _ = prepare.open_tokens(self.cfg.tokens_dir, "train")  # reopen: memmaps leak
         span = self.cfg.ctx_len - 1
         first = self.batches_done * self.cfg.llm_batch_rows * self.world
@@ -150,7 +150,7 @@ class Harvester:
         resid = self.m.resid_post(inputs, cfg.layer)
         keep = valid if cfg.train_on_masked else valid & ~masked
         acts = resid[keep]
-        if cfg.outlier_norm_ratio > 0:  # optional filter for outlier tokens (training.md §5.5)
+        if cfg.outlier_norm_ratio > 0:  # optional filter for outlier tokens (sae.py §5.5)
             norms = acts.norm(dim=-1)
             acts = acts[norms <= cfg.outlier_norm_ratio * norms.median()]
         if not torch.isfinite(acts).all():
@@ -175,7 +175,7 @@ class Harvester:
 
 
 class ShuffleBuffer:
-    """Serves random unread activations; refills the read half when half is gone (training.md §1.2).
+    """Serves random unread activations; refills the read half when half is gone (sae.py §1.2).
 
     Tokens of one document are strongly correlated, so batches mix many rows."""
 
@@ -295,10 +295,10 @@ def check_resume_config(cfg, saved):
 
 
 # -----------------------------------------------------------------------------
-# the training step (training.md §1.8-12)
+# the training step (sae.py §1.8-12)
 
 def lr_at(step, total_steps, cfg):
-    """Linear warmup, constant, linear decay to 0 from decay_start * total (training.md §1.13)."""
+    """Linear warmup, constant, linear decay to 0 from decay_start * total (sae.py §1.13)."""
     if step < cfg.warmup_steps:  # lr 0 at step 0, as dictionary_learning's LambdaLR gives
         return cfg.lr * step / cfg.warmup_steps  # (trainers/trainer.py v0.1.0 line 155: step / warmup_steps)
     decay_from = int(cfg.decay_start * total_steps)
@@ -336,7 +336,7 @@ def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
     sae_lib.normalize_decoder(sae)
 
     fired = stats["fired"]
-    if world > 1:  # a latent is alive if it fired on any rank (training.md §3)
+    if world > 1:  # a latent is alive if it fired on any rank (sae.py §3)
         fired = fired.int()
         dist.all_reduce(fired, op=dist.ReduceOp.MAX)
         fired = fired.bool()
@@ -497,7 +497,7 @@ def train(cfg, device, rank, world, log, on_exit):
         harvester.tokens_eligible = rank_meta["tokens_eligible"]
         scale, start_step = meta_state["scale"], meta_state["step"]
     else:
-        # one scalar s with E||x/s||^2 = 1 (training.md §1.3), from the first buffer, all ranks
+        # one scalar s with E||x/s||^2 = 1 (sae.py §1.3), from the first buffer, all ranks
         sample = buffer.acts[: cfg.scale_tokens].float()
         mean_sq = sample.pow(2).sum(-1).mean()
         if world > 1:
@@ -539,7 +539,7 @@ def train(cfg, device, rank, world, log, on_exit):
         log(f"resumed {resume_from} at step {start_step}")
     else:
         first = buffer.next_batch(local_batch).float() / scale
-        median = sae_lib.geometric_median(first)  # b_dec init (training.md §1.4)
+        median = sae_lib.geometric_median(first)  # b_dec init (sae.py §1.4)
         if world > 1:
             dist.broadcast(median, 0)
         for s in saes:

@@ -655,7 +655,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_readers_are_not_sent_outside_the_repository():
     """A clone has no notes beside it and no machine paths: what a reader needs is in the repo."""
-    files = ["README.md", "evaluate.py", "model.py", "prepare.py", "bench.py", "configurator.py"]
+    files = ["README.md", "evaluate.py", "model.py", "prepare.py", "bench.py", "configurator.py", "sae.py",
+             "train.py"]
     files += [os.path.join("configs", name) for name in os.listdir(os.path.join(ROOT, "configs"))]
     for name in files:
         text = open(os.path.join(ROOT, name), encoding="utf-8").read()

@@ -46,7 +46,7 @@ def harvester(tiny, **settings):
     return train.Harvester(m, cfg, mask_id, rank=0, world=1), m, mask_id
 
 
-# --- masking (paper.md §1, §5) ---------------------------------------------------------------
+# --- masking (the paper; README) ----------------------------------------------------------------
 
 def test_mask_fraction_matches_mask_prob_and_never_touches_special_tokens():
     rows = torch.randint(2, 1000, (64, 512))
@@ -117,7 +117,7 @@ def one_step(s, x, dead, step, cfg):
 def test_sae_step_keeps_the_dead_counters_and_sets_the_threshold():
     """The bookkeeping after a step, checked against the dense latents of the same forward pass:
     a latent that fired is reset to 0 tokens, every other one ages by the batch; an unset
-    threshold takes the smallest kept activation (training.md §1.9, §1.11)."""
+    threshold takes the smallest kept activation (sae.py §1.9, §1.11)."""
     cfg = step_settings("--threshold_start=0", "--dead_tokens=10000")
     s = sae_lib.SAE(16, 32, arch="batchtopk", k=2, seed=0)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
@@ -370,7 +370,7 @@ def test_compiled_step_runs_on_cpu(tiny, tmp_path):
 
 
 def test_torchrun_two_ranks_on_cpu_matches_one_process(tiny, tmp_path):
-    """Each rank harvests its own shard and selects top-k within its half batch (training.md §3),
+    """Each rank harvests its own shard and selects top-k within its half batch (sae.py §3),
     so the runs see different data: they agree in quality, not bit for bit."""
     settings = fast_settings(tiny, tmp_path / "ddp", "--total_tokens=25600", "--ks=[8]")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

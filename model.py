@@ -314,18 +314,25 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- loading
 
+def read_json_object(file, hint=""):
+    """The dict a JSON file holds; one clear line for a file that is not JSON or not an object
+    (sae.py reads its cfg.json with it too)."""
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}){hint}") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(c).__name__}{hint}")
+    return c
+
+
 def read_config(path):
     """Config from config.json, in the hub's spelling or in the one transformers >= 5 writes."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found: not a Hugging Face model folder; {_HINT}")
-    try:
-        with open(file) as f:
-            c = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e}); {_HINT}") from None
-    if not isinstance(c, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(c).__name__}; {_HINT}")
+    c = read_json_object(file, f"; {_HINT}")
     for key in _POSITIVE_INTS:  # a size written as "128" would fail deep inside torch
         if key in c and c[key] is not None and (type(c[key]) is not int or c[key] <= 0):
             raise ValueError(f"{file}: {key!r} must be a positive integer, got {c[key]!r}")

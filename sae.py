@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import safetensors.torch
 
+import model as model_lib
+
 ARCHS = ("matryoshka_batchtopk", "batchtopk", "topk", "relu")
 _AUX_ALPHA = 1 / 32  # §1.10: weight of the aux-k loss
 _THRESHOLD_BETA = 0.999  # §1.11: EMA decay of the inference threshold
@@ -471,13 +473,7 @@ def read_cfg(folder):
     cfg_path = os.path.join(folder, "cfg.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no SAE file at {cfg_path}")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    cfg = model_lib.read_json_object(cfg_path)
     for key in ("arch", "d_in", "d_sae", "k", "group_sizes", "scale"):
         if key not in cfg:
             raise ValueError(f"{cfg_path}: missing key '{key}'")

@@ -125,7 +125,8 @@ class Harvester:
         self.tokens_masked = self.tokens_eligible = 0
 
     def read_rows(self):
-        """One LLM batch: BOS + ctx_len-1 tokens of the packed stream per row (README: rows start with BOS, documents joined by EOS)."""
+        """One LLM batch: BOS + ctx_len-1 tokens of the packed stream per row (documents joined by
+        EOS; README, choices where the paper is silent)."""
         tokens, _ = prepare.open_tokens(self.cfg.tokens_dir, "train")  # reopen: memmaps leak
         span = self.cfg.ctx_len - 1
         first = self.batches_done * self.cfg.llm_batch_rows * self.world
@@ -379,7 +380,7 @@ def main(argv):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if backend == "nccl" else "cpu"
     else:
         rank, world = 0, 1
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        device = model_lib.resolve_device(cfg.device)
     master = rank == 0
     log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     try:

@@ -171,9 +171,10 @@ def json_ready(value):
 
 
 def _write_atomic(path, data):
-    """Write to path + '.tmp', fsync, rename: a crash never leaves half a file."""
+    """Write to a temporary file, fsync, rename: a crash never leaves half a file. The temporary
+    name carries the pid because evaluate.py processes share cache_dir and may write one entry."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(data if isinstance(data, bytes) else data.encode())
         f.flush()

@@ -191,6 +191,22 @@ def test_residuals_drop_special_and_padding_positions(tiny_model):
 
 # ----------------------------------------------------------------------------- §0 probes
 
+def test_two_processes_writing_one_cache_entry_both_succeed(tmp_path, monkeypatch):
+    """evaluate.py runs share cache_dir and may compute the same entry at once: here a second
+    writer (another pid) runs between the first one's write and its rename; both must land."""
+    path, real_fsync, pids = str(tmp_path / "acts.safetensors"), os.fsync, iter(range(100, 200))
+    monkeypatch.setattr(ev.os, "getpid", lambda: next(pids))
+
+    def fsync_while_another_process_writes(fd):
+        monkeypatch.setattr(ev.os, "fsync", real_fsync)
+        ev._write_atomic(path, b"second")
+        real_fsync(fd)
+
+    monkeypatch.setattr(ev.os, "fsync", fsync_while_another_process_writes)
+    ev._write_atomic(path, b"first")
+    assert open(path, "rb").read() == b"first" and os.listdir(tmp_path) == ["acts.safetensors"]
+
+
 def test_l2_logistic_regression_matches_the_symmetric_1d_solution():
     # x = ±1, y = [x > 0]: by symmetry b = 0 and the stationarity condition is w = C·n·(1 − σ(w))
     n, C = 40, 0.3

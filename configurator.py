@@ -22,6 +22,7 @@ A list whose default holds numbers or strings of one type takes elements of that
 string cannot be set empty (--out_dir= is an unset shell variable, not a folder).
 """
 import ast
+import functools
 import io
 import os
 import sys
@@ -42,6 +43,7 @@ def defaults(namespace):
             if not k.startswith("_") and isinstance(v, _PLAIN_TYPES)}
 
 
+@functools.cache  # parsing the three scripts takes ~0.1 s; a config file asks once per foreign key
 def _settings_of_stages():
     """Setting names of every stage script, read from their top-level assignments (no import)."""
     here = os.path.dirname(os.path.abspath(__file__))

@@ -361,17 +361,6 @@ def training_run(cfg, workdir, hub_config, steps, extra=()):
     return dict(command=command, **training_figures(done.stdout, time.time() - t0, steps, batch_size))
 
 
-def write_json(path, obj):
-    """Atomically: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
-
-
 # -----------------------------------------------------------------------------
 
 def print_table(rows):
@@ -446,13 +435,15 @@ def main(argv):
     result = dict(settings=vars(cfg), torch=torch.__version__, threads=torch.get_num_threads(),
                   load_average=[load_before[0], load_after[0]], rows=rows)
     if cfg.json_path:
-        write_json(cfg.json_path, result)
+        prepare.write_json(cfg.json_path, result)
+        print(f"wrote {cfg.json_path}")
     if cfg.gpu_report:
         with tempfile.TemporaryDirectory() as workdir:
             result["training"] = training_run(cfg, workdir, _PYTHIA, cfg.gpu_train_steps)
         result.update(gpu=torch.cuda.get_device_name(cfg.device), cuda=torch.version.cuda,
                       wall_s=time.time() - t_start)
-        write_json(cfg.gpu_report, result)
+        prepare.write_json(cfg.gpu_report, result)
+        print(f"wrote {cfg.gpu_report}")
 
 
 if __name__ == "__main__":

@@ -1607,9 +1607,9 @@ def matched_l0_table(arms, grid):
     return _table(arms, rows).replace("| metric | SAE |", "| metric | at |", 1)
 
 
-def caveats(runs, arms):
+def caveats(arms):
     """What the comparison rests on, as Markdown bullets, read from the SAE cfgs and eval.json."""
-    results = [r for saes in runs.values() for r in saes.values()]
+    results = _arm_results(arms)
     cfgs = [r.get("sae_cfg", {}) for r in results]
     lines = []
     if any((c.get("d_in") or 1e9) <= 256 for c in cfgs):  # load_llm's tiny-model rule
@@ -1655,13 +1655,12 @@ def caveats(runs, arms):
     return "\n".join(lines)
 
 
-def comparison_report(runs, matched_points=3):
-    """comparison.md's text for {run folder: {SAE name: eval.json}}."""
-    arms = group_arms(runs)
+def comparison_report(arms, matched_points=3):
+    """comparison.md's text for group_arms's {arm: {seed: {SAE name: eval.json}}}."""
     grid = matched_l0_grid(arms, matched_points)
     matched = (matched_l0_table(arms, grid) if grid else
                "no data: no L0 range is covered by every arm's SAEs in every shared seed.")
-    return (f"# Baseline vs masked\n\n{_METHOD}\n\n## What these numbers rest on\n\n{caveats(runs, arms)}\n\n"
+    return (f"# Baseline vs masked\n\n{_METHOD}\n\n## What these numbers rest on\n\n{caveats(arms)}\n\n"
             f"## By nominal k\n\n{comparison_table(arms)}\n\n## At matched L0 (inference L0 on clean text)\n\n"
             f"{matched}\n")
 
@@ -1850,7 +1849,7 @@ def main(argv):
         print(run_table(run, saes) + "\n")
     arms = group_arms(by_run)  # runs grouped by their SAE cfgs, paired by (seed, SAE name)
     if len(arms) >= 2:
-        text = comparison_report(by_run)
+        text = comparison_report(arms)
         _write_atomic(cfg.comparison_file, text)
         print(text)
         print(f"wrote {cfg.comparison_file}")

@@ -193,7 +193,9 @@ def _replace(tmp, path):
     os.replace(tmp, path)
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """obj as indented JSON, written atomically (bench.py writes its report with it too)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     _replace(path + ".tmp", path)
@@ -378,7 +380,7 @@ def make_tiny_model(model_dir, seed):
     path = os.path.join(model_dir, "tokenizer.json")
     train_tiny_tokenizer(sample).save(path + ".tmp")
     _replace(path + ".tmp", path)
-    _write_json(os.path.join(model_dir, "config.json"), _TINY_CONFIG)
+    write_json(os.path.join(model_dir, "config.json"), _TINY_CONFIG)
     path = os.path.join(model_dir, "model.safetensors")
     save_file(tiny_state_dict(seed), path + ".tmp", metadata={"format": "pt"})
     _replace(path + ".tmp", path)
@@ -565,7 +567,7 @@ def convert_gguf(path, model_dir):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only
-        _write_json(os.path.join(tmp, "config.json"), gguf_config(values, vocab_size))
+        write_json(os.path.join(tmp, "config.json"), gguf_config(values, vocab_size))
         tokenizer.save(os.path.join(tmp, "tokenizer.json.tmp"))
         _replace(os.path.join(tmp, "tokenizer.json.tmp"), os.path.join(tmp, "tokenizer.json"))
         save_file(state, os.path.join(tmp, "model.safetensors.tmp"), metadata={"format": "pt"})
@@ -749,7 +751,7 @@ def prepare_tokens(cfg, tokenizer):
         os.remove(meta_path)
     for path in paths.values():
         _replace(path + ".tmp", path)
-    _write_json(meta_path, {**settings, "model": cfg.model, "tokenizer": tokenizer_path,
+    write_json(meta_path, {**settings, "model": cfg.model, "tokenizer": tokenizer_path,
                             "vocab_size": vocab_size, "dtype": dtype,
                             "bos_token_id": config.get("bos_token_id"),
                             "train_tokens": tokens["train"], "val_tokens": tokens["val"],
@@ -861,7 +863,7 @@ def _write_eval_set(eval_data_dir, name, files, source):
     """Every file of a set, then its meta.json: a folder that has one is complete."""
     for relative, rows in files.items():
         _write_jsonl(os.path.join(eval_data_dir, name, relative), rows)
-    _write_json(os.path.join(eval_data_dir, name, "meta.json"),
+    write_json(os.path.join(eval_data_dir, name, "meta.json"),
                 {"source": source, "rows": {relative: len(rows) for relative, rows in files.items()}})
     print(f"eval: wrote {eval_data_dir}/{name} ({len(files)} files, "
           f"{sum(len(rows) for rows in files.values()):,} rows)")

@@ -88,6 +88,6 @@ def test_training_figures_come_from_the_wall_time_and_the_log(tmp_path):
     assert figures == dict(steps=300, tokens=614400, wall_s=60.0, tok_s_end_to_end=10240.0,
                            harvest_tok_s_last_log=1.2e6, sae_tok_s_last_log=1.8e6, buffer_fill_s=2.5)
     assert bench.training_figures("", 1.0, 1, 1)["sae_tok_s_last_log"] is None  # a log without rates
-    bench.write_json(str(tmp_path / "r" / "gpu.json"), dict(training=figures))
+    bench.prepare.write_json(str(tmp_path / "r" / "gpu.json"), dict(training=figures))  # as main() does
     assert json.loads((tmp_path / "r" / "gpu.json").read_text())["training"] == figures
     assert os.listdir(tmp_path / "r") == ["gpu.json"]  # no .tmp left

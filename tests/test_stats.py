@@ -70,7 +70,7 @@ def test_interval_covers_the_true_mean_at_its_nominal_rate():
 
 
 def test_one_seed_gives_no_interval_and_no_delta():
-    md = ev.comparison_report(two_arms([0]))
+    md = ev.comparison_report(ev.group_arms(two_arms([0])))
     ev_row = next(line for line in md.splitlines() if line.startswith("| EV (global) ↑ | k8 |"))
     assert "no interval (1 seed)" in ev_row and "[" not in ev_row
     assert "+0.05" not in ev_row  # the one observed difference is not printed as a result
@@ -78,7 +78,7 @@ def test_one_seed_gives_no_interval_and_no_delta():
 
 
 def test_two_seeds_give_intervals_n_and_p():
-    md = ev.comparison_report(two_arms([0, 1]))
+    md = ev.comparison_report(ev.group_arms(two_arms([0, 1])))
     row = next(line for line in md.splitlines() if line.startswith("| EV (global) ↑ | k8 |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[2].endswith("n=2") and "[" in cells[2]
@@ -99,7 +99,7 @@ def test_matched_l0_rows_compare_at_common_l0_only():
     arms = ev.group_arms(runs)
     grid = ev.matched_l0_grid(arms)
     assert grid == pytest.approx([9.2, math.sqrt(9.2 * 11.4), 11.4])  # inside both arms' [6, 11.4] and [9.2, 18]
-    md = ev.comparison_report(runs)
+    md = ev.comparison_report(arms)
     row = next(line for line in md.splitlines() if line.startswith("| EV (global) ↑ | L0 = 9.2 |"))
     # baseline at L0 9.2, seed 0: between (6.0, EV k8) and (11.4, EV k16) in log(L0)
     base = [r for name, r in runs["out/p0.0_s0"].items()]
@@ -109,11 +109,11 @@ def test_matched_l0_rows_compare_at_common_l0_only():
     assert at[0][0] == pytest.approx(expected)
     assert "n=3" in row
     disjoint = two_arms([0, 1], l0s=((8, 4.0, 20.0), (16, 6.0, 30.0)))
-    assert "no data: no L0 range" in ev.comparison_report(disjoint)
+    assert "no data: no L0 range" in ev.comparison_report(ev.group_arms(disjoint))
 
 
 def test_comparison_md_says_what_it_rests_on():
-    md = ev.comparison_report(two_arms([0, 1]))
+    md = ev.comparison_report(ev.group_arms(two_arms([0, 1])))
     assert md.startswith("# Baseline vs masked\n\n" + ev._METHOD)
     for text in ("RANDOM MODEL", "`data/tiny/model` layer 1", "2 seed(s) [0, 1]", "999,424",
                  "3–3 letters pass the probe gate", "out of 23 evaluated",

@@ -182,6 +182,42 @@ def _write_atomic(path, data):
     os.replace(tmp, path)
 
 
+def bootstrap(statistic, sizes, n_boot=1000, seed=0):
+    """Sampling error of a metric over its evaluation sample (§0): the items of each stratum (words
+    of one letter, texts of one class, ...) are resampled with replacement within that stratum,
+    n_boot times, and statistic(list of index arrays, one per stratum) is recomputed on each draw.
+    The draws depend only on (seed, sizes), so two SAEs evaluated on the same sample get the same
+    resamples, replicate by replicate: compare.py pairs replicate b of two arms. Returns the
+    replicates, their standard deviation (the standard error) and the 2.5-97.5% percentile interval."""
+    rng = np.random.default_rng(seed)
+    replicates = np.array([statistic([rng.integers(0, n, n) for n in sizes]) for _ in range(n_boot)],
+                          dtype=np.float64)
+    finite = replicates[np.isfinite(replicates)]
+    if len(finite) < 2:
+        return dict(se=None, ci95=None, n_boot=n_boot, replicates=replicates.tolist())
+    return dict(se=float(finite.std(ddof=1)), ci95=[float(v) for v in np.percentile(finite, [2.5, 97.5])],
+                n_boot=n_boot, replicates=replicates.tolist())
+
+
+@torch.no_grad()
+def null_sae(sae, x, target_l0, seed=0):
+    """The reference with no learned structure a metric is read against (§0): the SAE's width, random
+    unit decoder rows, encoder = decoder^T, b_dec = the mean of x and a global threshold calibrated
+    so that it fires target_l0 latents per token on x (clean text), the same L0 as the SAE beside
+    it. A metric that scores the trained SAE no better than this measures nothing learned."""
+    d, n_latents = sae.cfg["d_in"], sae.cfg["d_sae"]
+    k = max(1, min(n_latents, round(target_l0)))
+    null = sae_lib.SAE(d, n_latents, arch="batchtopk", k=k, seed=seed)
+    W = torch.randn(n_latents, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    W /= W.norm(dim=1, keepdim=True)
+    null.W_dec.copy_(W.float())
+    null.W_enc.copy_(W.T.float())
+    null.b_dec.copy_(x.double().mean(0).float())
+    null.threshold.fill_(sae_lib.calibrate_threshold(null, x, target_l0)[0])
+    null.cfg.update(null=True, null_target_l0=float(target_l0))
+    return null.to(sae.W_enc.device, sae.W_enc.dtype).eval()
+
+
 # -----------------------------------------------------------------------------
 # LLM activations (§0): BOS first, special positions dropped through m.valid_mask
 

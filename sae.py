@@ -426,6 +426,35 @@ def update_threshold(sae, m):
 
 
 @torch.no_grad()
+def calibrate_threshold(sae, x, target_l0, batch_tokens=4096, iters=60):
+    """The inference threshold θ at which encode(x) fires target_l0 latents per token on average,
+    by bisection on the pre-activations of x (N, d) (README: calibrated thresholds). The EMA of
+    §1.11 lags its steady state in short runs and differs between arms, so comparing arms at
+    nominal k compares them at different L0; calibrating on clean held-out tokens puts every SAE at
+    the same measured L0. Returns (θ, the mean L0 θ gives on x); sae is not changed. Ties aside,
+    the achieved L0 is within one firing per N tokens of the target."""
+    if sae.cfg["arch"] not in ("batchtopk", "matryoshka_batchtopk"):
+        raise ValueError(f"only BatchTopK SAEs have a global inference threshold, not {sae.cfg['arch']}")
+    if not 0 < target_l0 <= sae.cfg["d_sae"] or len(x) == 0:
+        raise ValueError(f"target L0 must be in (0, d_sae={sae.cfg['d_sae']}] on a non-empty x, "
+                         f"got {target_l0} on {len(x)} tokens")
+    w = sae.W_enc
+    chunks = [sae.pre_acts(c.to(w.device, w.dtype)).float() for c in x.split(batch_tokens)]
+
+    def mean_l0(theta):
+        return sum(int((c > theta).sum()) for c in chunks) / len(x)
+
+    lo, hi = 0.0, max(float(c.max()) for c in chunks)  # L0(lo) ≥ target ≥ L0(hi) = 0
+    if mean_l0(lo) <= target_l0:  # too few positive pre-activations: θ = 0 is the densest it gets
+        return 0.0, mean_l0(0.0)
+    for _ in range(iters):  # L0(θ) falls as θ rises
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_l0(mid) > target_l0 else (lo, mid)
+    achieved_hi, achieved_lo = mean_l0(hi), mean_l0(lo)  # the bracket's two sides: keep the nearer
+    return (hi, achieved_hi) if abs(achieved_hi - target_l0) <= abs(achieved_lo - target_l0) else (lo, achieved_lo)
+
+
+@torch.no_grad()
 def fold_scale(sae, s):
     """§1.15: make an SAE trained on x/s run on raw x, in place: b_dec, b_enc, θ times s, weights
     unchanged. Then encode(x) = s·encode_before(x/s) and decode(s·f) = s·decode_before(f).

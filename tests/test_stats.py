@@ -5,8 +5,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate as ev
+import sae as sae_lib
 
 
 def fake_eval(p, seed, k, l0, ev_global, letters=3, scr_cells=9, absorption=0.1):
@@ -146,3 +148,50 @@ def test_plot_draws_every_panel(tmp_path):
     pytest.importorskip("matplotlib")
     ev.plot_comparison(ev.group_arms(two_arms([0, 1])), str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- the evaluation sample's own noise, and the null a metric is read against
+
+def test_bootstrap_interval_covers_a_known_mean_at_its_nominal_rate():
+    # a mean of 200 Bernoulli(0.3) items: the bootstrap's SE is sqrt(p(1-p)/n) and its interval
+    # covers the true p in about 95% of samples
+    rng = np.random.default_rng(0)
+    covered, ses = 0, []
+    for trial in range(200):
+        items = (rng.random(200) < 0.3).astype(float)
+        b = ev.bootstrap(lambda idx: items[idx[0]].mean(), [len(items)], n_boot=400, seed=trial)
+        covered += b["ci95"][0] <= 0.3 <= b["ci95"][1]
+        ses.append(b["se"])
+    assert 0.90 <= covered / 200 <= 0.99
+    assert abs(np.mean(ses) - np.sqrt(0.3 * 0.7 / 200)) < 0.003
+
+
+def test_bootstrap_draws_depend_only_on_seed_and_sizes():
+    # two SAEs on one evaluation sample get the same resamples, replicate by replicate
+    a, b = np.arange(10.0), np.arange(10.0) * 2
+    ra = ev.bootstrap(lambda idx: a[idx[0]].mean() + a[idx[1]].mean(), [10, 10], n_boot=50, seed=3)
+    rb = ev.bootstrap(lambda idx: b[idx[0]].mean() + b[idx[1]].mean(), [10, 10], n_boot=50, seed=3)
+    assert np.allclose(np.array(rb["replicates"]), 2 * np.array(ra["replicates"]))
+
+
+def test_calibrated_threshold_gives_the_target_l0():
+    # pre-activations uniform on [0, 1] per latent: L0(θ) = F (1 - θ), so θ = 1 - target / F
+    torch.manual_seed(0)
+    F_, d = 64, 64
+    s = sae_lib.SAE(d, F_, arch="batchtopk", k=8)
+    with torch.no_grad():
+        s.W_enc.copy_(torch.eye(d)); s.W_dec.copy_(torch.eye(d)); s.b_enc.zero_(); s.b_dec.zero_()
+    x = torch.rand(20_000, d)
+    theta, achieved = sae_lib.calibrate_threshold(s, x, 8.0)
+    assert abs(achieved - 8.0) < 0.01 and abs(theta - (1 - 8 / 64)) < 0.005
+    s.threshold.fill_(theta)
+    assert abs((s.encode(x) > 0).sum(1).float().mean().item() - 8.0) < 0.01
+
+
+def test_null_sae_has_the_target_l0_and_no_learned_directions():
+    x = torch.randn(4000, 32) + 3.0
+    trained = sae_lib.SAE(32, 128, arch="matryoshka_batchtopk", k=10, group_fractions=(0.5, 0.5))
+    null = ev.null_sae(trained, x, 10.0, seed=1)
+    assert null.W_dec.shape == trained.W_dec.shape
+    assert torch.allclose(null.W_enc, null.W_dec.T) and torch.allclose(null.W_dec.norm(dim=1), torch.ones(128))
+    assert abs((null.encode(x) > 0).sum(1).float().mean().item() - 10.0) < 0.05

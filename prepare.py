@@ -107,6 +107,12 @@ def load_tokenizer(model_dir):
                          "with prepare.py") from None
 
 
+def tokenizer_sha256_of(model_dir):
+    """What tokens meta.json records as the tokenizer's identity: the sha256 of its tokenizer.json."""
+    with open(os.path.join(model_dir, "tokenizer.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def single_token_id(tokenizer, text):
     """The one id `text` stands for (a special token such as "<|padding|>", or text that
     tokenizes to exactly one token), else ValueError."""
@@ -700,8 +706,7 @@ def prepare_tokens(cfg, tokenizer):
         raise ValueError(f"{cfg.model_dir}/config.json: eos_token_id is {eos_token_id!r}; "
                          "documents need an EOS id to separate them")
     tokenizer_path = os.path.join(cfg.model_dir, "tokenizer.json")
-    with open(tokenizer_path, "rb") as f:
-        tokenizer_sha256 = hashlib.sha256(f.read()).hexdigest()
+    tokenizer_sha256 = tokenizer_sha256_of(cfg.model_dir)
     source = f"stdlib {sysconfig.get_paths()['stdlib']}" if cfg.dataset == "stdlib" else cfg.dataset
     # What the token files depend on; a rerun with the same values has nothing to do. (Models
     # that share a tokenizer, such as the Pythia sizes, can share one tokens_dir.)

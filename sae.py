@@ -413,6 +413,8 @@ def normalize_decoder(sae):
 def batch_min_positive(f):
     """§1.11: the smallest positive entry of f, 0 if there is none (0-d fp32, no host sync)."""
     f = f.float()
+    if not f.numel():  # nothing kept: a diverged SAE's NaN pre-activations (train.py stops it)
+        return f.new_zeros(())
     smallest = torch.where(f > 0, f, math.inf).min()
     return torch.where(torch.isinf(smallest), 0.0, smallest)
 

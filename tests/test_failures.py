@@ -327,3 +327,48 @@ def test_a_second_train_py_on_the_same_out_dir_stops_and_changes_nothing(tiny, t
     finally:
         os.close(lock)
     train.main(fast_settings(tiny, out, "--total_tokens=2560", "--resume=True"))  # free again
+
+
+# --- settings that would train nothing, or diverge (issue 21, defects 1-4 and 10) -----------------
+
+def test_settings_that_train_no_step_or_no_number_are_refused_before_anything_is_written(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    one_line_error(train.main, fast_settings(tiny, out, "--total_tokens=100"), monkeypatch, capsys,
+                   "total_tokens (100) is less than one batch (256)")
+    one_line_error(train.main, fast_settings(tiny, out, "--lr=1e999"), monkeypatch, capsys,
+                   "lr must be a positive finite number, got inf")
+    one_line_error(train.main, fast_settings(tiny, out, "--scale_tokens=0"), monkeypatch, capsys,
+                   "scale_tokens must be positive")
+    one_line_error(train.main, fast_settings(tiny, out, "--ctx_len=4096"), monkeypatch, capsys,
+                   "ctx_len=4096 is longer than", "max_position_embeddings=2048")
+    assert not out.exists()
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_about(tiny, tmp_path, capsys):
+    train.main(fast_settings(tiny, tmp_path / "o", "--total_tokens=768"))  # 3 steps, warmup 5
+    assert "warning: only 3 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lr,message", [(1e6, "diverged"), (1e30, "loss is nan")])
+def test_a_diverging_run_stops_with_one_line_instead_of_exporting(tiny, tmp_path, lr, message):
+    out = tmp_path / "o"
+    with pytest.raises(FloatingPointError, match=rf"step 10: SAE k4 {message}.*lower lr. No checkpoint was written yet"):
+        train.main(fast_settings(tiny, out, f"--lr={lr}"))
+    assert not (out / "k4").exists()
+
+
+def test_relu_without_l1_warmup_trains(tiny, tmp_path):
+    out = tmp_path / "o"
+    train.main(fast_settings(tiny, out, "--arch=relu", "--l1_coefficients=[0.02]", "--l1_warmup_steps=0",
+                             "--total_tokens=2560"))
+    assert (out / "l1_0.02" / "sae.safetensors").exists()
+
+
+def test_tokens_of_another_tokenizer_are_refused(tiny, tmp_path, monkeypatch, capsys):
+    tokens = tmp_path / "tokens"
+    os.system(f"cp -r {tiny}/tokens {tokens}")
+    meta = json.loads((tokens / "meta.json").read_text())
+    (tokens / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
+    one_line_error(train.main, fast_settings(tiny, tmp_path / "o", f"--tokens_dir={tokens}"), monkeypatch, capsys,
+                   f"{tokens} was not tokenized with {tiny}/model/tokenizer.json")
+    assert not (tmp_path / "o").exists()

@@ -372,3 +372,88 @@ def test_tokens_of_another_tokenizer_are_refused(tiny, tmp_path, monkeypatch, ca
     one_line_error(train.main, fast_settings(tiny, tmp_path / "o", f"--tokens_dir={tokens}"), monkeypatch, capsys,
                    f"{tokens} was not tokenized with {tiny}/model/tokenizer.json")
     assert not (tmp_path / "o").exists()
+
+
+# --- evaluate.py: nothing stale, nothing lost (issue 21 defects 5 and 7, issue 17 point 7) ---------
+
+def evaluate_setup(tiny, tmp_path, monkeypatch, seed=0):
+    """A run with one random SAE on the tiny model, and a stub core metric that counts its calls."""
+    run = tmp_path / "run"
+    sae_lib.save(sae_lib.SAE(128, 64, arch="batchtopk", k=4, seed=seed, model=f"{tiny}/model", layer=1), str(run / "k4"))
+    calls = []
+
+    def metric(name):
+        def runner(llm, saes, cfg):
+            calls.append(name)
+            return [{"l0": 4.0, "value": len(calls)} for _ in saes]
+        return runner
+
+    for name in ("core", "absorption"):
+        monkeypatch.setitem(evaluate._RUNNERS, name, metric(name))
+    args = [str(run), f"--tokens_dir={tiny}/tokens", f"--cache_dir={tmp_path}/cache", f"--eval_data_dir={tmp_path}/eval",
+            "--metrics=['core']"]
+    return run, calls, args
+
+
+def test_eval_json_is_reused_only_when_it_describes_this_sae_data_and_settings(tiny, tmp_path, monkeypatch, capsys):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    evaluate.main(args)
+    assert calls == ["core"]
+    record = json.loads((run / "k4" / "eval.json").read_text())["computed_from"]["core"]
+    assert record["sae_sha256"] == evaluate._file_sha256(run / "k4" / "sae.safetensors")
+    assert record["settings"]["core_tokens"] == evaluate.core_tokens and "absorption_max_words" not in record["settings"]
+    assert record["model"]["layer"] == 1 and record["data"]["meta_sha256"]
+    capsys.readouterr()
+    evaluate.main(args)
+    assert calls == ["core"] and f"reused core for {run}/k4" in capsys.readouterr().out
+    evaluate.main(args + ["--absorption_max_words=10"])  # a setting core does not depend on
+    assert calls == ["core"]
+    evaluate.main(args + ["--core_tokens=4096"])
+    assert calls == ["core"] * 2
+    assert f"recomputing core for {run}/k4: settings (core_tokens) changed" in capsys.readouterr().out
+    sae_lib.save(sae_lib.SAE(128, 64, arch="batchtopk", k=4, seed=1, model=f"{tiny}/model", layer=1), str(run / "k4"))
+    evaluate.main(args + ["--core_tokens=4096"])  # retrained with another seed: same settings, new SAE
+    assert calls == ["core"] * 3 and ": SAE file changed" in capsys.readouterr().out
+    result = json.loads((run / "k4" / "eval.json").read_text())
+    del result["computed_from"]  # an eval.json from before the records
+    (run / "k4" / "eval.json").write_text(json.dumps(result))
+    evaluate.main(args + ["--core_tokens=4096"])
+    assert calls == ["core"] * 4 and "does not record what it was computed from" in capsys.readouterr().out
+
+
+def test_a_run_still_training_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    lock = train.lock_out_dir(str(run))  # as a running train.py holds it
+    try:
+        one_line_error(evaluate.main, args, monkeypatch, capsys, f"{run}/k4 is still training", "train.lock")
+    finally:
+        os.close(lock)
+    evaluate.main(args)  # finished: its lock file stays, unheld
+    assert calls == ["core"]
+
+
+def test_two_evaluations_of_one_sae_with_other_metrics_both_land_in_eval_json(tiny, tmp_path, monkeypatch):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    slow_core = evaluate._RUNNERS["core"]
+
+    def core_while_another_evaluate_writes_absorption(llm, saes, cfg):
+        evaluate.main(args[:-1] + ["--metrics=['absorption']"])  # the second process finishes first
+        return slow_core(llm, saes, cfg)
+
+    monkeypatch.setitem(evaluate._RUNNERS, "core", core_while_another_evaluate_writes_absorption)
+    evaluate.main(args)
+    result = json.loads((run / "k4" / "eval.json").read_text())
+    assert {"core", "absorption"} <= set(result) and set(result["computed_from"]) == {"core", "absorption"}
+
+
+def test_a_truncated_activation_cache_file_is_recomputed(tiny, tmp_path, capsys):
+    cfg = configurator.configure(vars(evaluate), [f"--cache_dir={tmp_path}/cache"])
+    llm = evaluate.load_llm(cfg, str(tiny / "model"), 1, "", "cpu")
+    rows = [[llm.m.cfg.bos_token_id, 5, 6, 7], [llm.m.cfg.bos_token_id, 8, 9]]
+    acts, counts = evaluate.cached_residuals(llm, rows, "test")
+    path, = (tmp_path / "cache").iterdir()
+    path.write_bytes(path.read_bytes()[:-100])
+    again, again_counts = evaluate.cached_residuals(llm, rows, "test")
+    assert torch.equal(acts, again) and torch.equal(counts, again_counts)
+    assert f"cache file {path} is unreadable" in capsys.readouterr().out
+    assert len(load_file(path)["acts"]) == len(acts)  # written again whole

@@ -1853,27 +1853,15 @@ def _why_stale(recorded, now):
         if changed or settings else None
 
 
-@contextlib.contextmanager
-def _locked(path):
-    """An exclusive flock on `path` (created if missing) for the with-block: two evaluate.py on
-    one SAE merge their metrics into its eval.json one after the other."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def read_eval_json(path):
     return model_lib.read_json_object(path, "; delete it to recompute its metrics") if os.path.exists(path) else {}
 
 
 def save_metric(d, name, value, record, **about):
     """Merge one metric into d/eval.json under its lock (another evaluate.py may be writing another
-    metric of the same SAE) and return the merged contents."""
+    metric of the same SAE; they take turns) and return the merged contents."""
     path = os.path.join(d, "eval.json")
-    with _locked(path + ".lock"):
+    with prepare.locked(path + ".lock"):
         results = read_eval_json(path)
         results.update(about)
         results[name] = value

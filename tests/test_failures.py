@@ -21,6 +21,7 @@ import model as model_lib
 import prepare
 import sae as sae_lib
 import train
+from conftest import TINY_CONFIG
 from test_train import fast_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -457,3 +458,48 @@ def test_a_truncated_activation_cache_file_is_recomputed(tiny, tmp_path, capsys)
     assert torch.equal(acts, again) and torch.equal(counts, again_counts)
     assert f"cache file {path} is unreadable" in capsys.readouterr().out
     assert len(load_file(path)["acts"]) == len(acts)  # written again whole
+
+
+# --- prepare.py: complete means every file, whole, of the model asked for (issue 21 defects 6, 8, 10)
+
+def tiny_prepare_args(tiny, *overrides):
+    return [TINY_CONFIG, f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", "--max_tokens=300000",
+            *overrides]
+
+
+def test_two_identical_prepare_runs_at_once_both_succeed(tmp_path):
+    args = [TINY_CONFIG, f"--model_dir={tmp_path}/model", f"--tokens_dir={tmp_path}/tokens", "--max_tokens=300000",
+            "--eval_sets=[]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert prepare.open_tokens(str(tmp_path / "tokens"))[1]["train_tokens"] == 300000
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_eval_set_missing_a_file_is_built_again(tiny, tmp_path, capsys):
+    eval_dir = tmp_path / "eval"
+    prepare.main(tiny_prepare_args(tiny, f"--eval_data_dir={eval_dir}", "--eval_sets=['stdlib_docs']"))
+    test_rows = (eval_dir / "stdlib_docs" / "test.jsonl").read_bytes()
+    (eval_dir / "stdlib_docs" / "test.jsonl").unlink()
+    capsys.readouterr()
+    prepare.main(tiny_prepare_args(tiny, f"--eval_data_dir={eval_dir}", "--eval_sets=['stdlib_docs']"))
+    assert "stdlib_docs is complete" not in capsys.readouterr().out
+    assert (eval_dir / "stdlib_docs" / "test.jsonl").read_bytes() == test_rows
+
+
+def test_a_damaged_model_is_fetched_again_and_another_model_refused(tiny, tmp_path, monkeypatch, capsys):
+    model_dir = tmp_path / "model"
+    os.system(f"cp -r {tiny}/model {model_dir}")
+    weights = (model_dir / "model.safetensors").read_bytes()
+    args = tiny_prepare_args(tiny, f"--model_dir={model_dir}", "--eval_sets=[]")
+    prepare.main(args)  # nothing to do; now it records which model the folder holds
+    assert json.loads((model_dir / "prepared_from.json").read_text())["model"] == "tiny"
+    (model_dir / "model.safetensors").write_bytes(weights[:-1000])
+    prepare.main(args)
+    assert "truncated or damaged; fetching the model again" in capsys.readouterr().out
+    assert (model_dir / "model.safetensors").read_bytes() == weights  # the tiny model is seeded
+    one_line_error(prepare.main, tiny_prepare_args(tiny, f"--model_dir={model_dir}", "--model=google/gemma-3-270m"),
+                   monkeypatch, capsys, f"{model_dir} holds tiny@main, not google/gemma-3-270m@main")

@@ -324,7 +324,7 @@ def test_tiny_default_end_to_end(tmp_path, monkeypatch, capsys):
                   "--val_fraction=0.1", "--eval_sets=[]"])  # tests/test_evaldata.py builds them
     assert "RANDOM" in capsys.readouterr().out
 
-    assert sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors", "prepared_from.json", "tokenizer.json"]
     umask = os.umask(0)
     os.umask(umask)
     for path in [*model_dir.iterdir(), *tokens.iterdir()]:  # readable like any new file, not owner-only

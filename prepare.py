@@ -341,9 +341,11 @@ def convert_bin_to_safetensors(bin_path):
     try:
         state = torch.load(bin_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False, which would run that code: not quoted
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
         raise ValueError(f"refusing to load {bin_path}: it holds more than tensors, and running "
-                         f"arbitrary pickled code is not something a weights file should need "
-                         f"({str(e).splitlines()[0]})") from None
+                         f"arbitrary pickled code is not something a weights file should need"
+                         + (f" ({found[0]})" if found else "")) from None
     if not isinstance(state, dict) or not any(isinstance(t, torch.Tensor) for t in state.values()):
         raise ValueError(f"{bin_path} holds a {type(state).__name__}, not a state dict of named tensors: "
                          "not a model checkpoint")

@@ -504,7 +504,10 @@ def load(path, device="cpu"):
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     weights_path = path if path.endswith(".safetensors") else os.path.join(folder, "sae.safetensors")
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"no SAE file at {weights_path}")
+        inside = sorted(os.path.join(path, d) for d in os.listdir(path)
+                        if os.path.isfile(os.path.join(path, d, "sae.safetensors"))) if os.path.isdir(path) else []
+        raise FileNotFoundError(f"no SAE file at {weights_path}" +
+                                (f"; the SAEs are in {', '.join(inside)}" if inside else ""))
     cfg = read_cfg(folder)
     try:
         tensors = safetensors.torch.load_file(weights_path)
@@ -551,6 +554,9 @@ def export_saelens(sae, folder):
         raise ValueError("the SAE's inference threshold is unset (θ < 0); train past the threshold warm-up first")
     if "layer" not in sae.cfg:
         raise ValueError("cfg has no 'layer'; SAELens needs it for hook_name blocks.{layer}.hook_resid_post")
+    if os.path.isfile(os.path.join(folder, "sae.safetensors")):
+        raise FileExistsError(f"{folder} holds an SAE of ours (sae.safetensors), whose cfg.json the export "
+                              f"would overwrite: export into another folder, e.g. export/k20")
     tensors = _tensors(sae)
     tensors["threshold"] = (torch.zeros(sae.cfg["d_sae"]) if arch == "relu" else
                             tensors["threshold"].expand(sae.cfg["d_sae"]).contiguous())

@@ -503,3 +503,24 @@ def test_a_damaged_model_is_fetched_again_and_another_model_refused(tiny, tmp_pa
     assert (model_dir / "model.safetensors").read_bytes() == weights  # the tiny model is seeded
     one_line_error(prepare.main, tiny_prepare_args(tiny, f"--model_dir={model_dir}", "--model=google/gemma-3-270m"),
                    monkeypatch, capsys, f"{model_dir} holds tiny@main, not google/gemma-3-270m@main")
+
+
+# --- sae.py / model.py: a mistaken call gets one line that says what to do (issue 21 defect 9) -----
+
+def test_export_into_the_sae_folder_is_refused_and_a_run_folder_names_its_saes(tmp_path):
+    sae = sae_lib.SAE(8, 32, arch="batchtopk", k=4, model="m", layer=1)
+    with torch.no_grad():
+        sae.threshold.fill_(0.1)
+    for k in ("k20", "k80"):
+        sae_lib.save(sae, str(tmp_path / "run" / k))
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(FileExistsError, match="holds an SAE of ours.*export into another folder"):
+        sae_lib.export_saelens(sae_lib.load(tmp_path / "run" / "k20"), str(tmp_path / "run" / "k20"))
+    assert snapshot(tmp_path / "run") == before and sae_lib.load(tmp_path / "run" / "k20").cfg["k"] == 4
+    with pytest.raises(FileNotFoundError, match=f"the SAEs are in {tmp_path}/run/k20, {tmp_path}/run/k80"):
+        sae_lib.load(tmp_path / "run")
+
+
+def test_model_load_names_a_dtype_torch_does_not_know(tiny):
+    with pytest.raises(ValueError, match="dtype 'fp16' is not a torch dtype name"):
+        model_lib.load(tiny / "model", "cpu", "fp16")

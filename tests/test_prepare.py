@@ -397,8 +397,9 @@ def test_a_bin_file_holding_code_is_refused_and_left_alone(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     bin_path = tmp_path / "pytorch_model.bin"
     torch.save({"embed_in.weight": torch.zeros(2), "payload": _RunsCode()}, bin_path)
-    with pytest.raises(ValueError, match="refusing to load .*holds more than tensors"):
+    with pytest.raises(ValueError, match="refusing to load .*holds more than tensors") as refused:
         prepare.convert_bin_to_safetensors(str(bin_path))
+    assert "GLOBAL posix.system" in str(refused.value) and "weights_only" not in str(refused.value)  # no advice to run it
     assert not (tmp_path / "pwned").exists() and bin_path.exists()
     assert not (tmp_path / "model.safetensors").exists()
 

@@ -164,3 +164,8 @@ def run(main):
         print(f"{os.path.basename(sys.argv[0])}: error: {e}\n(set TRACEBACK=1 for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: what was written is complete (atomic writes), no traceback
+        if os.environ.get("TRACEBACK"):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -273,9 +273,8 @@ def lock_out_dir(out_dir):
 def _write(path, tensors, meta):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
     try:
-        save_file(tensors, path, metadata={"meta": json.dumps(meta)})
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        save_file(tensors, path + ".tmp", metadata={"meta": json.dumps(meta)})
+        prepare._replace(path + ".tmp", path)  # fsync, and the permissions of any new file (not 0600)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         out_dir = os.path.dirname(os.path.dirname(path))
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # a partial file keeps a full disk full
@@ -399,6 +398,10 @@ def main(argv):
     try:
         with contextlib.ExitStack() as on_exit:  # releases the out_dir lock however train ends
             train(cfg, device, rank, world, log, on_exit)
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: {checkpoint_dir(cfg)} holds the last checkpoint; continue with --resume=True"
+            if checkpoint_dir(cfg) else "\ninterrupted before the first checkpoint: nothing to resume")
+        raise
     finally:
         if ddp:
             dist.destroy_process_group()

@@ -524,3 +524,23 @@ def test_export_into_the_sae_folder_is_refused_and_a_run_folder_names_its_saes(t
 def test_model_load_names_a_dtype_torch_does_not_know(tiny):
     with pytest.raises(ValueError, match="dtype 'fp16' is not a torch dtype name"):
         model_lib.load(tiny / "model", "cpu", "fp16")
+
+
+def test_ctrl_c_says_how_to_resume_without_a_traceback_and_checkpoints_are_readable_by_the_group(tiny, tmp_path, monkeypatch, capsys):
+    real_save = train.save_checkpoint
+
+    def save_then_ctrl_c(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["train.py", *fast_settings(tiny, tmp_path / "o")])
+    monkeypatch.delenv("TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        configurator.run(train.main)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 130 and err.strip() == "train.py: interrupted"
+    assert f"interrupted: {tmp_path}/o/checkpoint holds the last checkpoint; continue with --resume=True" in out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "o" / "checkpoint" / "state.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

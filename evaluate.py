@@ -83,7 +83,8 @@ cache_dir = "out/cache"            # LLM activations, shared by all SAEs on one 
 comparison_file = "out/comparison.md"
 # system
 device = "auto"                    # auto | cpu | cuda | cuda:N
-llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA)
+llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA
+                                   # and on CPUs with bf16 matrix units, else fp32; the log says which)
 sae_dtype = "float32"              # SAEBench casts the SAE to the LLM dtype: "bfloat16" matches it
 llm_batch_rows = 32                # rows per LLM forward when harvesting probe data
 sae_batch_tokens = 4096            # tokens per SAE encode call
@@ -109,8 +110,8 @@ absorption_max_absorbers = 3
 # sparse probing (§3): (task name, dataset folder, classes)
 probing_tasks = [  # AG News topics (the wheel's class names corrected: prepare.py)
     ("ag_news_topics", "sae_probes_news", ["business", "scitech", "sports", "world"])]
-probing_train_per_class = 300      # train / test texts per class and one-vs-rest probe (SAEBench:
-probing_test_per_class = 100       # 2000 / 500)
+probing_train_per_class = 300      # train texts per class and one-vs-rest probe (SAEBench: 2000)
+probing_test_per_class = 100       # test texts per class and one-vs-rest probe (SAEBench: 500)
 probing_ctx = 128
 probing_ks = [1, 2, 5]
 # SCR (§4): (dataset folder, class 1, class 2, attribute 1, attribute 2); TPP (§5): as probing_tasks
@@ -176,11 +177,16 @@ def _write_atomic(path, data):
     name carries the pid because evaluate.py processes share cache_dir and may write one entry."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data if isinstance(data, bytes) else data.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the file, and free what the partial one took
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {e.strerror or e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -1778,7 +1784,7 @@ def load_llm(cfg, model_dir, layer, tokens_dir, device):
     with open(os.path.join(model_dir, "config.json")) as f:
         max_positions = json.load(f).get("max_position_embeddings", cfg.ood_max_tokens)
     if m.cfg.d_model <= 256:
-        print(f"NOTE: {model_dir} is a tiny model (d_model={m.cfg.d_model}; the offline default has "
+        print(f"NOTE: {model_dir} is a tiny model (d_model={m.cfg.d_model}; configs/tiny.py's has "
               "RANDOM weights): its numbers mean nothing about the paper, they only show that every "
               "metric runs end to end.")
     return SimpleNamespace(m=m, tokenizer=prepare.load_tokenizer(model_dir), model_dir=model_dir, layer=layer,

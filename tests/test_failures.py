@@ -454,9 +454,13 @@ def test_a_truncated_activation_cache_file_is_recomputed(tiny, tmp_path, capsys)
     acts, counts = evaluate.cached_residuals(llm, rows, "test")
     path, = (tmp_path / "cache").iterdir()
     path.write_bytes(path.read_bytes()[:-100])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / "cache" / f"{path.name}.{int(dead.stdout)}.tmp"  # a write killed halfway
+    leftover.write_bytes(b"partial")
     again, again_counts = evaluate.cached_residuals(llm, rows, "test")
     assert torch.equal(acts, again) and torch.equal(counts, again_counts)
-    assert f"cache file {path} is unreadable" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"cache file {path} is unreadable" in out and f"removed {leftover}" in out and not leftover.exists()
     assert len(load_file(path)["acts"]) == len(acts)  # written again whole
 
 

@@ -642,16 +642,22 @@ def _remove_leftovers(paths, step):
         print(f"{step}: removed {path}, left by an interrupted run")
 
 
+def is_hub_model(model):
+    """Whether `model` names a hub repo (the only kind `revision` applies to)."""
+    return not (model in ("tiny", GGUF_PACKAGE_MODEL) or model.endswith(".gguf") or os.path.isdir(model))
+
+
 def prepare_model(cfg):
     _remove_leftovers(glob.glob(glob.escape(os.path.abspath(cfg.model_dir)) + ".*.tmp") +
                       glob.glob(os.path.join(glob.escape(cfg.model_dir), "*.tmp")), "model")
-    source = {"model": cfg.model, "revision": cfg.revision}
+    source = {"model": cfg.model, "revision": cfg.revision if is_hub_model(cfg.model) else None}
     source_path = os.path.join(cfg.model_dir, "prepared_from.json")
     if model_is_complete(cfg.model_dir):
         recorded = model_lib.read_json_object(source_path) if os.path.isfile(source_path) else None
         if recorded and recorded != source:
-            raise FileExistsError(f"{cfg.model_dir} holds {recorded['model']}@{recorded['revision']}, not "
-                                  f"{cfg.model}@{cfg.revision}: choose another model_dir, or delete it")
+            raise FileExistsError(f"{cfg.model_dir} holds {recorded['model']} (revision {recorded['revision']}), "
+                                  f"not {cfg.model} (revision {source['revision']}): choose another model_dir, "
+                                  "or delete it")
         print(f"model: {cfg.model_dir} already holds config.json, weights and tokenizer.json; "
               "nothing to do (delete the folder to fetch it again)")
         return
@@ -1194,6 +1200,13 @@ def main(argv):
     if unknown:
         raise ValueError(f"unknown eval_sets {unknown}: prepare.py builds {', '.join(EVAL_SETS)}")
     print("prepare.py: " + ", ".join(f"{k}={v!r}" for k, v in vars(cfg).items()))
+    hub_model = is_hub_model(cfg.model)
+    hub_dataset = not (cfg.dataset in ("stdlib", "sae-probes") or os.path.exists(cfg.dataset))
+    ignored = [name for name, used in (("revision", hub_model), ("seed", cfg.model == "tiny"),
+                                       ("data_files", hub_dataset)) if not used and getattr(cfg, name) != globals()[name]]
+    if ignored:
+        print(f"note: {', '.join(ignored)} ignored here (revision: hub models only; seed: model='tiny' only; "
+              "data_files: hub datasets only)")
     with _folder_lock(cfg.model_dir):
         prepare_model(cfg)
     with _folder_lock(cfg.tokens_dir):

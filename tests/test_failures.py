@@ -507,7 +507,7 @@ def test_a_damaged_model_is_fetched_again_and_another_model_refused(tiny, tmp_pa
     assert "truncated or damaged; fetching the model again" in capsys.readouterr().out
     assert (model_dir / "model.safetensors").read_bytes() == weights  # the tiny model is seeded
     one_line_error(prepare.main, tiny_prepare_args(tiny, f"--model_dir={model_dir}", "--model=google/gemma-3-270m"),
-                   monkeypatch, capsys, f"{model_dir} holds tiny@main, not google/gemma-3-270m@main")
+                   monkeypatch, capsys, f"{model_dir} holds tiny (revision None), not google/gemma-3-270m (revision main)")
 
 
 # --- sae.py / model.py: a mistaken call gets one line that says what to do (issue 21 defect 9) -----
@@ -581,3 +581,8 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeyp
     with pytest.raises(OSError, match=f"could not write {tmp_path}/k4/sae.safetensors: No space left"):
         sae_lib.save(sae_lib.SAE(8, 16, arch="batchtopk", k=4), str(tmp_path / "k4"))
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_prepare_says_which_given_settings_it_ignores(tiny, capsys):
+    prepare.main(tiny_prepare_args(tiny, "--revision=step1000", "--eval_sets=[]"))
+    assert "note: revision ignored here" in capsys.readouterr().out

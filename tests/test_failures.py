@@ -586,3 +586,16 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeyp
 def test_prepare_says_which_given_settings_it_ignores(tiny, capsys):
     prepare.main(tiny_prepare_args(tiny, "--revision=step1000", "--eval_sets=[]"))
     assert "note: revision ignored here" in capsys.readouterr().out
+
+
+def test_runs_that_cannot_be_compared_are_refused_before_any_metric(tiny, tmp_path, monkeypatch, capsys, make_hf_model):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    one_line_error(evaluate.main, args + [str(run)], monkeypatch, capsys, "a run folder is named twice")
+    twin = tmp_path / "twin"  # the same arm (mask_prob) and seed as run
+    os.system(f"cp -r {run} {twin}")
+    one_line_error(evaluate.main, args + [str(twin)], monkeypatch, capsys, "are both arm p=None, seed 0, SAE k4")
+    other = tmp_path / "other"
+    sae_lib.save(sae_lib.SAE(32, 64, arch="batchtopk", k=4, model=str(make_hf_model("gpt_neox")), layer=1, mask_prob=0.3),
+                 str(other / "k4"))
+    one_line_error(evaluate.main, args + [str(other)], monkeypatch, capsys, "a comparison needs one model and layer")
+    assert calls == []

@@ -1873,8 +1873,8 @@ def _why_stale(recorded, now):
                if recorded.get(key) != now[key]]
     settings = sorted(k for k in now["settings"].keys() | recorded.get("settings", {}).keys()
                       if now["settings"].get(k) != recorded.get("settings", {}).get(k))
-    return ", ".join(changed + ([f"settings ({', '.join(settings)})"] if settings else [])) + " changed" \
-        if changed or settings else None
+    what = changed + ([f"settings ({', '.join(settings)})"] if settings else [])
+    return f"{', '.join(what)} changed" if what else None
 
 
 def read_eval_json(path):
@@ -1916,6 +1916,11 @@ def evaluate_group(cfg, model_dir, layer, tokens_dir, sae_dirs, device):
         if reused:
             print(f"reused {', '.join(reused)} for {d}: eval.json was computed from this SAE file, model, "
                   "data and settings")
+        for name in sorted(set(_RUNNERS) - set(cfg.metrics) & set(results[d])):  # not asked for now
+            why = _why_stale(results[d].get("computed_from", {}).get(name), records[d][name])
+            if why:  # never reported as this SAE's number
+                print(f"left {name} of {d} out of the report: {why} (add it to --metrics to recompute it)")
+                del results[d][name]
     todo = [name for name in cfg.metrics if pending[name]]
     if not todo:
         return results

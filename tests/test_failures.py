@@ -409,6 +409,15 @@ def test_eval_json_is_reused_only_when_it_describes_this_sae_data_and_settings(t
     assert calls == ["core"] and f"reused core for {run}/k4" in capsys.readouterr().out
     evaluate.main(args + ["--absorption_max_words=10"])  # a setting core does not depend on
     assert calls == ["core"]
+    evaluate.main(args[:-1] + ["--metrics=['absorption']"])
+    assert calls == ["core", "absorption"]
+    later = configurator.configure(vars(evaluate), args[1:-1] + ["--metrics=['absorption']", "--core_tokens=512"])
+    results = evaluate.evaluate_group(later,
+                                      f"{tiny}/model", 1, f"{tiny}/tokens", [str(run / "k4")], "cpu")
+    assert "core" not in results[str(run / "k4")] and "absorption" in results[str(run / "k4")]
+    assert f"left core of {run}/k4 out of the report: settings (core_tokens) changed" in capsys.readouterr().out
+    assert calls == ["core", "absorption"]  # absorption reused
+    calls.remove("absorption")
     evaluate.main(args + ["--core_tokens=4096"])
     assert calls == ["core"] * 2
     assert f"recomputing core for {run}/k4: settings (core_tokens) changed" in capsys.readouterr().out

@@ -608,3 +608,21 @@ def test_runs_that_cannot_be_compared_are_refused_before_any_metric(tiny, tmp_pa
                  str(other / "k4"))
     one_line_error(evaluate.main, args + [str(other)], monkeypatch, capsys, "a comparison needs one model and layer")
     assert calls == []
+
+
+def test_a_corrupt_eval_json_is_named(tiny, tmp_path, monkeypatch, capsys):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    (run / "k4" / "eval.json").write_text('{"core": ')
+    one_line_error(evaluate.main, args, monkeypatch, capsys, f"{run}/k4/eval.json: not valid JSON", "delete it")
+    assert calls == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_sae_folder_is_refused_before_any_metric(tiny, tmp_path, monkeypatch, capsys):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    (run / "k4").chmod(0o500)
+    try:
+        one_line_error(evaluate.main, args, monkeypatch, capsys, f"{run}/k4 is not writable")
+    finally:
+        (run / "k4").chmod(0o700)
+    assert calls == []

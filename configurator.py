@@ -22,6 +22,7 @@ A list whose default holds numbers or strings of one type takes elements of that
 string cannot be set empty (--out_dir= is an unset shell variable, not a folder).
 """
 import ast
+import difflib
 import functools
 import io
 import os
@@ -38,9 +39,10 @@ class ConfigError(ValueError):
 
 
 def defaults(namespace):
-    """The settings of a module: its public globals of plain types, in definition order."""
+    """The settings of a module: its public lower-case globals of plain types, in definition order
+    (an UPPER_CASE name is a constant, such as prepare.SAE_PROBES_TRAIN, not a setting)."""
     return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, _PLAIN_TYPES)}
+            if not k.startswith("_") and not k.isupper() and isinstance(v, _PLAIN_TYPES)}
 
 
 @functools.cache  # parsing the three scripts takes ~0.1 s; a config file asks once per foreign key
@@ -84,6 +86,7 @@ def _setting_comments(path):
 def _check(key, value, default_values, source):
     if key not in default_values:
         close = [k for k in default_values if k.split("_")[0] == key.split("_")[0]]
+        close += [k for k in difflib.get_close_matches(key, default_values, n=3) if k not in close]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"{source}: unknown setting '{key}'{hint}")
     default = default_values[key]
@@ -164,3 +167,8 @@ def run(main):
         print(f"{os.path.basename(sys.argv[0])}: error: {e}\n(set TRACEBACK=1 for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: what was written is complete (atomic writes), no traceback
+        if os.environ.get("TRACEBACK"):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        sys.exit(130)

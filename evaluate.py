@@ -22,7 +22,10 @@ configurator.py. Model and layer come from each SAE's cfg.json, the core eval te
 from tokens_dir (the SAE cfg's "tokens_dir" when it records one, else --tokens_dir or a config).
 
 Outputs: <sae>/eval.json (every number, the settings that produced it, and what was skipped; a
-number that could not be computed is null, with its reason under "null_reasons"), a table per run on stdout, and with two or more arms `comparison_file` plus a grid PNG of each metric
+number that could not be computed is null, with its reason under "null_reasons"; under
+"computed_from", per metric, the SAE file's sha256, the model, the data and the settings it was
+computed from: a metric is reused only while they all match, else recomputed with a one-line
+reason; a run still training is refused), a table per run on stdout, and with two or more arms `comparison_file` plus a grid PNG of each metric
 against L0 next to it (when matplotlib is installed). Runs are grouped into arms by their SAE cfgs
 (mask_prob, and any other setting they differ in besides seed and k) and paired by (seed, SAE);
 the first run's arm is the baseline. The Markdown gives each arm's mean over seeds with a 95%
@@ -49,7 +52,9 @@ shift. configs/saebench.py names SAEBench's hub datasets and SAE-Probes' OOD pai
 """
 import contextlib
 import copy
+import fcntl
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -82,7 +87,8 @@ cache_dir = "out/cache"            # LLM activations, shared by all SAEs on one 
 comparison_file = "out/comparison.md"
 # system
 device = "auto"                    # auto | cpu | cuda | cuda:N
-llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA)
+llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA
+                                   # and on CPUs with bf16 matrix units, else fp32; the log says which)
 sae_dtype = "float32"              # SAEBench casts the SAE to the LLM dtype: "bfloat16" matches it
 llm_batch_rows = 32                # rows per LLM forward when harvesting probe data
 sae_batch_tokens = 4096            # tokens per SAE encode call
@@ -108,8 +114,8 @@ absorption_max_absorbers = 3
 # sparse probing (§3): (task name, dataset folder, classes)
 probing_tasks = [  # AG News topics (the wheel's class names corrected: prepare.py)
     ("ag_news_topics", "sae_probes_news", ["business", "scitech", "sports", "world"])]
-probing_train_per_class = 300      # train / test texts per class and one-vs-rest probe (SAEBench:
-probing_test_per_class = 100       # 2000 / 500)
+probing_train_per_class = 300      # train texts per class and one-vs-rest probe (SAEBench: 2000)
+probing_test_per_class = 100       # test texts per class and one-vs-rest probe (SAEBench: 500)
 probing_ctx = 128
 probing_ks = [1, 2, 5]
 # SCR (§4): (dataset folder, class 1, class 2, attribute 1, attribute 2); TPP (§5): as probing_tasks
@@ -175,11 +181,16 @@ def _write_atomic(path, data):
     name carries the pid because evaluate.py processes share cache_dir and may write one entry."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data if isinstance(data, bytes) else data.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the file, and free what the partial one took
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def bootstrap(statistic, sizes, n_boot=1000, seed=0):
@@ -260,6 +271,16 @@ def residuals(m, rows, layer, batch_rows, positions=None, desc="residuals"):
     return (torch.cat(out), torch.cat(counts)) if positions is None else torch.cat(out)
 
 
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 def cached_residuals(llm, rows, name, positions=None):
     """residuals(), cached on disk under a hash of (model, layer, dtype, rows, positions): any
     change in data, tokenizer or selection gives a new key, so a stale cache is never read."""
@@ -267,8 +288,15 @@ def cached_residuals(llm, rows, name, positions=None):
     digest = hashlib.sha1(spec.encode()).hexdigest()[:16]
     path = os.path.join(llm.cache_dir, f"{name}-L{llm.layer}-{digest}.safetensors")
     if os.path.exists(path):
-        tensors = load_file(path)
-        return (tensors["acts"], tensors["counts"]) if "counts" in tensors else tensors["acts"]
+        try:
+            tensors = load_file(path)
+            return (tensors["acts"], tensors["counts"]) if "counts" in tensors else tensors["acts"]
+        except Exception as e:  # a truncated or foreign file (safetensors has its own error types)
+            print(f"  note: cache file {path} is unreadable ({e}); recomputing it")
+    for tmp in glob.glob(glob.escape(path) + ".*.tmp"):  # _write_atomic's, of a killed evaluate.py
+        if not _process_exists(int(tmp.split(".")[-2])):
+            os.remove(tmp)
+            print(f"  note: removed {tmp}, left by an evaluate.py that was killed while writing it")
     result = residuals(llm.m, rows, llm.layer, llm.batch_rows, positions, desc=f"LLM {name}")
     tensors = {"acts": result[0], "counts": result[1]} if positions is None else {"acts": result}
     _write_atomic(path, save(tensors))
@@ -1777,6 +1805,23 @@ def find_sae_dirs(run):
     return sorted(found, key=lambda d: (target_k(d), d))
 
 
+def training_lock(sae_dir):
+    """The train.lock a running train.py holds on this SAE's run folder (or on the SAE folder
+    itself), else None. train.py exports its SAEs while it runs, so their numbers would describe
+    an SAE that is about to change."""
+    for folder in (sae_dir, os.path.dirname(sae_dir)):
+        path = os.path.join(folder, "train.lock")
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return path
+            finally:
+                os.close(fd)
+    return None
+
+
 def model_key(model_dir):
     """The model's identity for the activation cache: its real path and its weight files' stamps."""
     files = sorted(f for f in os.listdir(model_dir) if f.endswith((".safetensors", "config.json")))
@@ -1793,7 +1838,7 @@ def load_llm(cfg, model_dir, layer, tokens_dir, device):
     with open(os.path.join(model_dir, "config.json")) as f:
         max_positions = json.load(f).get("max_position_embeddings", cfg.ood_max_tokens)
     if m.cfg.d_model <= 256:
-        print(f"NOTE: {model_dir} is a tiny model (d_model={m.cfg.d_model}; the offline default has "
+        print(f"NOTE: {model_dir} is a tiny model (d_model={m.cfg.d_model}; configs/tiny.py's has "
               "RANDOM weights): its numbers mean nothing about the paper, they only show that every "
               "metric runs end to end.")
     return SimpleNamespace(m=m, tokenizer=prepare.load_tokenizer(model_dir), model_dir=model_dir, layer=layer,
@@ -1814,31 +1859,121 @@ def load_sae(path, d_model, cfg, device):
     return sae
 
 
+# What each metric's number depends on besides the SAE, the model and the data: the settings
+# whose names start with these (the shared ones: _SHARED_SETTINGS). A metric whose record in
+# eval.json ("computed_from") differs from the present one is computed again.
+_METRIC_SETTINGS = {"core": ("core_",), "absorption": ("absorption_",), "sparse_probing": ("probing_",),
+                    "scr": ("scr_", "probing_", "ablation_", "headline_n"),
+                    "tpp": ("tpp_", "scr_", "probing_", "ablation_", "headline_n"), "ood": ("ood_",)}
+_SHARED_SETTINGS = ("eval_seed", "sae_dtype")
+
+
+def _file_sha256(path):
+    """sha256 of a file, None when it does not exist."""
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def computed_from(cfg, model_dir, layer, tokens_dir, device, sae_dir):
+    """{metric: what its number would be computed from now}: the SAE file's sha256, the model
+    (folder, weight files' stamps, layer, dtype), the data (tokens meta.json for core on val.bin;
+    each eval set's meta.json) and the settings that affect it, in JSON's types."""
+    arch = model_lib.read_config(model_dir).arch
+    model = {"path": os.path.realpath(model_dir), "layer": layer,
+             "files": hashlib.sha256(json.dumps(model_key(model_dir)).encode()).hexdigest()[:16],
+             "llm_dtype": model_lib.resolve_dtype(cfg.llm_dtype, arch, device)}
+    sets = sorted(os.listdir(cfg.eval_data_dir)) if os.path.isdir(cfg.eval_data_dir) else []
+    eval_data = {"eval_data_dir": os.path.realpath(cfg.eval_data_dir),
+                 "sets": {n: _file_sha256(os.path.join(cfg.eval_data_dir, n, "meta.json")) for n in sets}}
+    tokens = {"tokens_dir": os.path.realpath(tokens_dir) if tokens_dir else "",
+              "meta_sha256": _file_sha256(os.path.join(tokens_dir, "meta.json")) if tokens_dir else None}
+    settings = json.loads(json.dumps(configurator.defaults(vars(cfg))))
+    sae_sha256 = _file_sha256(os.path.join(sae_dir, "sae.safetensors"))
+    return {name: {"sae_sha256": sae_sha256, "model": model,
+                   "data": tokens if name == "core" and cfg.core_dataset == "val" else eval_data,
+                   "settings": {k: v for k, v in settings.items()
+                                if k in _SHARED_SETTINGS or k.startswith(prefixes)}}
+            for name, prefixes in _METRIC_SETTINGS.items()}
+
+
+def _why_stale(recorded, now):
+    """None when a metric's record matches the present inputs, else what changed, in words."""
+    if not recorded:
+        return "eval.json does not record what it was computed from"
+    changed = [what for key, what in (("sae_sha256", "SAE file"), ("model", "model"), ("data", "data"))
+               if recorded.get(key) != now[key]]
+    settings = sorted(k for k in now["settings"].keys() | recorded.get("settings", {}).keys()
+                      if now["settings"].get(k) != recorded.get("settings", {}).get(k))
+    what = changed + ([f"settings ({', '.join(settings)})"] if settings else [])
+    return f"{', '.join(what)} changed" if what else None
+
+
+def read_eval_json(path):
+    return model_lib.read_json_object(path, "; delete it to recompute its metrics") if os.path.exists(path) else {}
+
+
+def save_metric(d, name, value, record, **about):
+    """Merge one metric into d/eval.json under its lock (another evaluate.py may be writing another
+    metric of the same SAE; they take turns) and return the merged contents."""
+    path = os.path.join(d, "eval.json")
+    with prepare.locked(path + ".lock"):
+        results = read_eval_json(path)
+        results.update(about)
+        results[name] = value
+        results.setdefault("computed_from", {})[name] = record
+        _write_atomic(path, json.dumps(results, indent=1, allow_nan=False))
+    return results
+
+
 def evaluate_group(cfg, model_dir, layer, tokens_dir, sae_dirs, device):
-    """Every requested metric for the SAEs of one (model, layer); eval.json after each metric."""
-    results = {}
+    """Every requested metric for the SAEs of one (model, layer); eval.json after each metric. A
+    metric eval.json holds is reused when it was computed from the same SAE file, model, data and
+    settings, and computed again (saying why) when not."""
+    results, records, pending = {}, {}, {name: [] for name in cfg.metrics}
     for d in sae_dirs:
-        path = os.path.join(d, "eval.json")
-        results[d] = {}
-        if os.path.exists(path) and not cfg.rerun:
-            with open(path) as f:
-                results[d] = json.load(f)
-    todo = [name for name in cfg.metrics if any(name not in results[d] for d in sae_dirs)]
+        results[d] = read_eval_json(os.path.join(d, "eval.json"))
+        records[d] = computed_from(cfg, model_dir, layer, tokens_dir, device, d)
+        reused = []
+        for name in cfg.metrics:
+            why = "rerun=True" if cfg.rerun else _why_stale(results[d].get("computed_from", {}).get(name),
+                                                             records[d][name])
+            if name not in results[d]:
+                pending[name].append(d)
+            elif why:
+                print(f"recomputing {name} for {d}: {why}")
+                pending[name].append(d)
+            else:
+                reused.append(name)
+        if reused:
+            print(f"reused {', '.join(reused)} for {d}: eval.json was computed from this SAE file, model, "
+                  "data and settings")
+        for name in sorted(set(_RUNNERS) - set(cfg.metrics) & set(results[d])):  # not asked for now
+            why = _why_stale(results[d].get("computed_from", {}).get(name), records[d][name])
+            if why:  # never reported as this SAE's number
+                print(f"left {name} of {d} out of the report: {why} (add it to --metrics to recompute it)")
+                del results[d][name]
+    todo = [name for name in cfg.metrics if pending[name]]
     if not todo:
         return results
+    unwritable = [d for d in sae_dirs if not os.access(d, os.W_OK)]
+    if unwritable:
+        raise PermissionError(f"{unwritable[0]} is not writable: evaluate.py writes eval.json there")
     print(f"\n=== {model_dir} layer {layer}: {len(sae_dirs)} SAE(s), metrics {todo}")
     llm = load_llm(cfg, model_dir, layer, tokens_dir, device)
     for name in todo:
-        pending = [d for d in sae_dirs if name not in results[d]]
-        saes = [load_sae(d, llm.m.cfg.d_model, cfg, device) for d in pending]
+        saes = [load_sae(d, llm.m.cfg.d_model, cfg, device) for d in pending[name]]
         t0 = time.time()
-        print(f"--- {name} ({len(pending)} SAE(s))")
+        print(f"--- {name} ({len(saes)} SAE(s))")
         torch.manual_seed(cfg.eval_seed)
-        for d, sae, r in zip(pending, saes, _RUNNERS[name](llm, saes, cfg)):
-            results[d][name] = json_ready(r)[0]  # eval.json stays JSON: null + a reason, never NaN
-            results[d].update(sae=d, model_dir=model_dir, layer=layer, sae_cfg=sae.cfg,
-                              settings=configurator.defaults(vars(cfg)))
-            _write_atomic(os.path.join(d, "eval.json"), json.dumps(results[d], indent=1, allow_nan=False))
+        for d, sae, r in zip(pending[name], saes, _RUNNERS[name](llm, saes, cfg)):
+            # eval.json stays JSON: null + a reason, never NaN
+            results[d] = save_metric(d, name, json_ready(r)[0], records[d][name], sae=d, model_dir=model_dir,
+                                     layer=layer, sae_cfg=sae.cfg, settings=configurator.defaults(vars(cfg)))
         print(f"--- {name}: {time.time() - t0:.0f} s")
     return results
 
@@ -1853,6 +1988,8 @@ def main(argv):
         if not os.path.isdir(run):
             raise FileNotFoundError(f"{run}: no such run folder (a folder of SAEs from train.py, or one "
                                     "SAE's folder; config files end in .py)")
+    if len({os.path.realpath(run) for run in runs}) < len(runs):
+        raise ValueError(f"a run folder is named twice in {runs}: name each run once")
     unknown = set(cfg.metrics) - set(_RUNNERS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {list(_RUNNERS)}")
@@ -1862,9 +1999,13 @@ def main(argv):
     if {"scr", "tpp"} & set(cfg.metrics) and cfg.headline_n not in cfg.ablation_ns:
         raise ValueError(f"headline_n={cfg.headline_n} is not in ablation_ns={cfg.ablation_ns}")
     device = model_lib.resolve_device(cfg.device)
-    groups = {}
+    groups, models = {}, {}
     for run in runs:
         for d in find_sae_dirs(run):
+            lock = training_lock(d)
+            if lock:
+                raise BlockingIOError(f"{d} is still training (train.py holds {lock}): evaluate it when "
+                                      "that run has finished")
             sae_cfg = sae_lib.read_cfg(d)
             recorded = (sae_cfg.get("model"), sae_cfg.get("layer"))
             chosen = (cfg.model_dir or recorded[0], cfg.layer if cfg.layer >= 0 else recorded[1])
@@ -1875,6 +2016,14 @@ def main(argv):
                                  "was asked for")
             tokens = cfg.tokens_dir or sae_cfg.get("tokens_dir", "")
             groups.setdefault((*chosen, tokens), []).append(d)
+            models.setdefault((os.path.realpath(chosen[0]), chosen[1]), run)
+    if len(runs) >= 2 and len(models) > 1:
+        (a, run_a), (b, run_b) = list(models.items())[:2]
+        raise ValueError(f"{run_a} is on {a[0]} layer {a[1]} but {run_b} on {b[0]} layer {b[1]}: a comparison "
+                         "needs one model and layer; evaluate these runs in separate calls")
+    # the same arm and seed twice is refused now, not after every metric has been computed
+    group_arms({run: {os.path.relpath(d, run) if d != run else os.path.basename(run):
+                      {"sae_cfg": sae_lib.read_cfg(d), "sae": d} for d in find_sae_dirs(run)} for run in runs})
     results = {}
     for (model_folder, layer_index, tokens), dirs in groups.items():
         results.update(evaluate_group(cfg, model_folder, layer_index, tokens, dirs, device))

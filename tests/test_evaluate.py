@@ -588,6 +588,7 @@ def test_eval_json_holds_null_and_a_reason_never_nan(tmp_path, monkeypatch):
     sae_lib.save(sae_lib.SAE(8, 16, arch="batchtopk", k=4, model="m", layer=0), str(folder))
     nan = float("nan")
     monkeypatch.setattr(ev, "load_llm", lambda *args: SimpleNamespace(m=SimpleNamespace(cfg=SimpleNamespace(d_model=8))))
+    monkeypatch.setattr(ev, "computed_from", lambda *args: {"core": {}})  # no model folder "m" to read
     monkeypatch.setitem(ev._RUNNERS, "core", lambda llm, saes, cfg: [
         {"l0": 4.0, "ce_loss_score": nan, "null_reasons": {"ce_loss_score": "0/0"},
          "per_task": {"a": {"auc": float("inf")}}, "curve": [0.5, nan]}])

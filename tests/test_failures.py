@@ -21,6 +21,7 @@ import model as model_lib
 import prepare
 import sae as sae_lib
 import train
+from conftest import TINY_CONFIG
 from test_train import fast_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -327,3 +328,301 @@ def test_a_second_train_py_on_the_same_out_dir_stops_and_changes_nothing(tiny, t
     finally:
         os.close(lock)
     train.main(fast_settings(tiny, out, "--total_tokens=2560", "--resume=True"))  # free again
+
+
+# --- settings that would train nothing, or diverge (issue 21, defects 1-4 and 10) -----------------
+
+def test_settings_that_train_no_step_or_no_number_are_refused_before_anything_is_written(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    one_line_error(train.main, fast_settings(tiny, out, "--total_tokens=100"), monkeypatch, capsys,
+                   "total_tokens (100) is less than one batch (256)")
+    one_line_error(train.main, fast_settings(tiny, out, "--lr=1e999"), monkeypatch, capsys,
+                   "lr must be a positive finite number, got inf")
+    one_line_error(train.main, fast_settings(tiny, out, "--scale_tokens=0"), monkeypatch, capsys,
+                   "scale_tokens must be positive")
+    one_line_error(train.main, fast_settings(tiny, out, "--ctx_len=4096"), monkeypatch, capsys,
+                   "ctx_len=4096 is longer than", "max_position_embeddings=2048")
+    assert not out.exists()
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_about(tiny, tmp_path, capsys):
+    train.main(fast_settings(tiny, tmp_path / "o", "--total_tokens=768"))  # 3 steps, warmup 5
+    assert "warning: only 3 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lr,message", [(1e6, "diverged"), (1e30, "loss is nan")])
+def test_a_diverging_run_stops_with_one_line_instead_of_exporting(tiny, tmp_path, lr, message):
+    out = tmp_path / "o"
+    with pytest.raises(FloatingPointError, match=rf"step 10: SAE k4 {message}.*lower lr. No checkpoint was written yet"):
+        train.main(fast_settings(tiny, out, f"--lr={lr}"))
+    assert not (out / "k4").exists()
+
+
+def test_relu_without_l1_warmup_trains(tiny, tmp_path):
+    out = tmp_path / "o"
+    train.main(fast_settings(tiny, out, "--arch=relu", "--l1_coefficients=[0.02]", "--l1_warmup_steps=0",
+                             "--total_tokens=2560"))
+    assert (out / "l1_0.02" / "sae.safetensors").exists()
+
+
+def test_tokens_of_another_tokenizer_are_refused(tiny, tmp_path, monkeypatch, capsys):
+    tokens = tmp_path / "tokens"
+    os.system(f"cp -r {tiny}/tokens {tokens}")
+    meta = json.loads((tokens / "meta.json").read_text())
+    (tokens / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
+    one_line_error(train.main, fast_settings(tiny, tmp_path / "o", f"--tokens_dir={tokens}"), monkeypatch, capsys,
+                   f"{tokens} was not tokenized with {tiny}/model/tokenizer.json")
+    assert not (tmp_path / "o").exists()
+
+
+# --- evaluate.py: nothing stale, nothing lost (issue 21 defects 5 and 7, issue 17 point 7) ---------
+
+def evaluate_setup(tiny, tmp_path, monkeypatch, seed=0):
+    """A run with one random SAE on the tiny model, and a stub core metric that counts its calls."""
+    run = tmp_path / "run"
+    sae_lib.save(sae_lib.SAE(128, 64, arch="batchtopk", k=4, seed=seed, model=f"{tiny}/model", layer=1), str(run / "k4"))
+    calls = []
+
+    def metric(name):
+        def runner(llm, saes, cfg):
+            calls.append(name)
+            return [{"l0": 4.0, "value": len(calls)} for _ in saes]
+        return runner
+
+    for name in ("core", "absorption"):
+        monkeypatch.setitem(evaluate._RUNNERS, name, metric(name))
+    args = [str(run), f"--tokens_dir={tiny}/tokens", f"--cache_dir={tmp_path}/cache", f"--eval_data_dir={tmp_path}/eval",
+            "--metrics=['core']"]
+    return run, calls, args
+
+
+def test_eval_json_is_reused_only_when_it_describes_this_sae_data_and_settings(tiny, tmp_path, monkeypatch, capsys):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    evaluate.main(args)
+    assert calls == ["core"]
+    record = json.loads((run / "k4" / "eval.json").read_text())["computed_from"]["core"]
+    assert record["sae_sha256"] == evaluate._file_sha256(run / "k4" / "sae.safetensors")
+    assert record["settings"]["core_tokens"] == evaluate.core_tokens and "absorption_max_words" not in record["settings"]
+    assert record["model"]["layer"] == 1 and record["data"]["meta_sha256"]
+    capsys.readouterr()
+    evaluate.main(args)
+    assert calls == ["core"] and f"reused core for {run}/k4" in capsys.readouterr().out
+    evaluate.main(args + ["--absorption_max_words=10"])  # a setting core does not depend on
+    assert calls == ["core"]
+    evaluate.main(args[:-1] + ["--metrics=['absorption']"])
+    assert calls == ["core", "absorption"]
+    later = configurator.configure(vars(evaluate), args[1:-1] + ["--metrics=['absorption']", "--core_tokens=512"])
+    results = evaluate.evaluate_group(later,
+                                      f"{tiny}/model", 1, f"{tiny}/tokens", [str(run / "k4")], "cpu")
+    assert "core" not in results[str(run / "k4")] and "absorption" in results[str(run / "k4")]
+    assert f"left core of {run}/k4 out of the report: settings (core_tokens) changed" in capsys.readouterr().out
+    assert calls == ["core", "absorption"]  # absorption reused
+    calls.remove("absorption")
+    evaluate.main(args + ["--core_tokens=4096"])
+    assert calls == ["core"] * 2
+    assert f"recomputing core for {run}/k4: settings (core_tokens) changed" in capsys.readouterr().out
+    sae_lib.save(sae_lib.SAE(128, 64, arch="batchtopk", k=4, seed=1, model=f"{tiny}/model", layer=1), str(run / "k4"))
+    evaluate.main(args + ["--core_tokens=4096"])  # retrained with another seed: same settings, new SAE
+    assert calls == ["core"] * 3 and ": SAE file changed" in capsys.readouterr().out
+    result = json.loads((run / "k4" / "eval.json").read_text())
+    del result["computed_from"]  # an eval.json from before the records
+    (run / "k4" / "eval.json").write_text(json.dumps(result))
+    evaluate.main(args + ["--core_tokens=4096"])
+    assert calls == ["core"] * 4 and "does not record what it was computed from" in capsys.readouterr().out
+
+
+def test_a_run_still_training_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    lock = train.lock_out_dir(str(run))  # as a running train.py holds it
+    try:
+        one_line_error(evaluate.main, args, monkeypatch, capsys, f"{run}/k4 is still training", "train.lock")
+    finally:
+        os.close(lock)
+    evaluate.main(args)  # finished: its lock file stays, unheld
+    assert calls == ["core"]
+
+
+def test_two_evaluations_of_one_sae_with_other_metrics_both_land_in_eval_json(tiny, tmp_path, monkeypatch):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    slow_core = evaluate._RUNNERS["core"]
+
+    def core_while_another_evaluate_writes_absorption(llm, saes, cfg):
+        evaluate.main(args[:-1] + ["--metrics=['absorption']"])  # the second process finishes first
+        return slow_core(llm, saes, cfg)
+
+    monkeypatch.setitem(evaluate._RUNNERS, "core", core_while_another_evaluate_writes_absorption)
+    evaluate.main(args)
+    result = json.loads((run / "k4" / "eval.json").read_text())
+    assert {"core", "absorption"} <= set(result) and set(result["computed_from"]) == {"core", "absorption"}
+
+
+def test_a_truncated_activation_cache_file_is_recomputed(tiny, tmp_path, capsys):
+    cfg = configurator.configure(vars(evaluate), [f"--cache_dir={tmp_path}/cache"])
+    llm = evaluate.load_llm(cfg, str(tiny / "model"), 1, "", "cpu")
+    rows = [[llm.m.cfg.bos_token_id, 5, 6, 7], [llm.m.cfg.bos_token_id, 8, 9]]
+    acts, counts = evaluate.cached_residuals(llm, rows, "test")
+    path, = (tmp_path / "cache").iterdir()
+    path.write_bytes(path.read_bytes()[:-100])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / "cache" / f"{path.name}.{int(dead.stdout)}.tmp"  # a write killed halfway
+    leftover.write_bytes(b"partial")
+    again, again_counts = evaluate.cached_residuals(llm, rows, "test")
+    assert torch.equal(acts, again) and torch.equal(counts, again_counts)
+    out = capsys.readouterr().out
+    assert f"cache file {path} is unreadable" in out and f"removed {leftover}" in out and not leftover.exists()
+    assert len(load_file(path)["acts"]) == len(acts)  # written again whole
+
+
+# --- prepare.py: complete means every file, whole, of the model asked for (issue 21 defects 6, 8, 10)
+
+def tiny_prepare_args(tiny, *overrides):
+    return [TINY_CONFIG, f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", "--max_tokens=300000",
+            *overrides]
+
+
+def test_two_identical_prepare_runs_at_once_both_succeed(tmp_path):
+    args = [TINY_CONFIG, f"--model_dir={tmp_path}/model", f"--tokens_dir={tmp_path}/tokens", "--max_tokens=300000",
+            "--eval_sets=[]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert prepare.open_tokens(str(tmp_path / "tokens"))[1]["train_tokens"] == 300000
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_eval_set_missing_a_file_is_built_again(tiny, tmp_path, capsys):
+    eval_dir = tmp_path / "eval"
+    prepare.main(tiny_prepare_args(tiny, f"--eval_data_dir={eval_dir}", "--eval_sets=['stdlib_docs', 'stdlib_kind']"))
+    assert "is complete; nothing to do" not in capsys.readouterr().out.split("eval:", 1)[1]  # both just written
+    test_rows = (eval_dir / "stdlib_docs" / "test.jsonl").read_bytes()
+    (eval_dir / "stdlib_docs" / "test.jsonl").unlink()
+    capsys.readouterr()
+    prepare.main(tiny_prepare_args(tiny, f"--eval_data_dir={eval_dir}", "--eval_sets=['stdlib_docs']"))
+    assert "stdlib_docs is complete" not in capsys.readouterr().out
+    assert (eval_dir / "stdlib_docs" / "test.jsonl").read_bytes() == test_rows
+
+
+def test_a_damaged_model_is_fetched_again_and_another_model_refused(tiny, tmp_path, monkeypatch, capsys):
+    model_dir = tmp_path / "model"
+    os.system(f"cp -r {tiny}/model {model_dir}")
+    weights = (model_dir / "model.safetensors").read_bytes()
+    args = tiny_prepare_args(tiny, f"--model_dir={model_dir}", "--eval_sets=[]")
+    prepare.main(args)  # nothing to do; now it records which model the folder holds
+    assert json.loads((model_dir / "prepared_from.json").read_text())["model"] == "tiny"
+    (model_dir / "model.safetensors").write_bytes(weights[:-1000])
+    prepare.main(args)
+    assert "truncated or damaged; fetching the model again" in capsys.readouterr().out
+    assert (model_dir / "model.safetensors").read_bytes() == weights  # the tiny model is seeded
+    one_line_error(prepare.main, tiny_prepare_args(tiny, f"--model_dir={model_dir}", "--model=google/gemma-3-270m"),
+                   monkeypatch, capsys, f"{model_dir} holds tiny (revision None), not google/gemma-3-270m (revision main)")
+
+
+# --- sae.py / model.py: a mistaken call gets one line that says what to do (issue 21 defect 9) -----
+
+def test_export_into_the_sae_folder_is_refused_and_a_run_folder_names_its_saes(tmp_path):
+    sae = sae_lib.SAE(8, 32, arch="batchtopk", k=4, model="m", layer=1)
+    with torch.no_grad():
+        sae.threshold.fill_(0.1)
+    for k in ("k20", "k80"):
+        sae_lib.save(sae, str(tmp_path / "run" / k))
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(FileExistsError, match="holds an SAE of ours.*export into another folder"):
+        sae_lib.export_saelens(sae_lib.load(tmp_path / "run" / "k20"), str(tmp_path / "run" / "k20"))
+    assert snapshot(tmp_path / "run") == before and sae_lib.load(tmp_path / "run" / "k20").cfg["k"] == 4
+    with pytest.raises(FileNotFoundError, match=f"the SAEs are in {tmp_path}/run/k20, {tmp_path}/run/k80"):
+        sae_lib.load(tmp_path / "run")
+
+
+def test_model_load_names_a_dtype_torch_does_not_know(tiny):
+    with pytest.raises(ValueError, match="dtype 'fp16' is not a torch dtype name"):
+        model_lib.load(tiny / "model", "cpu", "fp16")
+
+
+def test_ctrl_c_says_how_to_resume_without_a_traceback_and_checkpoints_are_readable_by_the_group(tiny, tmp_path, monkeypatch, capsys):
+    real_save = train.save_checkpoint
+
+    def save_then_ctrl_c(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["train.py", *fast_settings(tiny, tmp_path / "o")])
+    monkeypatch.delenv("TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        configurator.run(train.main)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 130 and err.strip() == "train.py: interrupted"
+    assert f"interrupted: {tmp_path}/o/checkpoint holds the last checkpoint; continue with --resume=True" in out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "o" / "checkpoint" / "state.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- rough edges: one line that names the file or the setting ------------------------------------
+
+def test_settings_get_a_did_you_mean_and_constants_are_not_settings(tiny, tmp_path, monkeypatch, capsys):
+    one_line_error(evaluate.main, ["--metric=['core']", str(tmp_path)], monkeypatch, capsys, "did you mean metrics")
+    one_line_error(prepare.main, ["--SAE_PROBES_TRAIN=()"], monkeypatch, capsys, "unknown setting 'SAE_PROBES_TRAIN'")
+    one_line_error(train.main, fast_settings(tiny, tmp_path / "o", "--group_fractions=[0.5, 0.6]"), monkeypatch, capsys,
+                   "group_fractions must sum to 1")
+
+
+def test_a_bad_line_or_a_missing_dataset_names_the_file(tiny, tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": "broken\n')
+    args = tiny_prepare_args(tiny, f"--tokens_dir={tmp_path}/tokens", "--eval_sets=[]")
+    one_line_error(prepare.main, args + [f"--dataset={corpus}"], monkeypatch, capsys, f"{corpus}:2: not valid JSON")
+    one_line_error(prepare.main, args + [f"--dataset={tmp_path}/none.jsonl"], monkeypatch, capsys,
+                   f"dataset '{tmp_path}/none.jsonl': no such file or folder")
+    with pytest.raises(ValueError, match=f"{corpus}:2: not valid JSON"):
+        prepare.read_rows(str(corpus))
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=f"could not write {tmp_path}/eval.json: No space left on device"):
+        evaluate._write_atomic(str(tmp_path / "eval.json"), "{}")
+    with pytest.raises(OSError, match=f"could not write {tmp_path}/k4/sae.safetensors: No space left"):
+        sae_lib.save(sae_lib.SAE(8, 16, arch="batchtopk", k=4), str(tmp_path / "k4"))
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_prepare_says_which_given_settings_it_ignores(tiny, capsys):
+    prepare.main(tiny_prepare_args(tiny, "--revision=step1000", "--eval_sets=[]"))
+    assert "note: revision ignored here" in capsys.readouterr().out
+
+
+def test_runs_that_cannot_be_compared_are_refused_before_any_metric(tiny, tmp_path, monkeypatch, capsys, make_hf_model):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    one_line_error(evaluate.main, args + [str(run)], monkeypatch, capsys, "a run folder is named twice")
+    twin = tmp_path / "twin"  # the same arm (mask_prob) and seed as run
+    os.system(f"cp -r {run} {twin}")
+    one_line_error(evaluate.main, args + [str(twin)], monkeypatch, capsys, "are both arm p=None, seed 0, SAE k4")
+    other = tmp_path / "other"
+    sae_lib.save(sae_lib.SAE(32, 64, arch="batchtopk", k=4, model=str(make_hf_model("gpt_neox")), layer=1, mask_prob=0.3),
+                 str(other / "k4"))
+    one_line_error(evaluate.main, args + [str(other)], monkeypatch, capsys, "a comparison needs one model and layer")
+    assert calls == []
+
+
+def test_a_corrupt_eval_json_is_named(tiny, tmp_path, monkeypatch, capsys):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    (run / "k4" / "eval.json").write_text('{"core": ')
+    one_line_error(evaluate.main, args, monkeypatch, capsys, f"{run}/k4/eval.json: not valid JSON", "delete it")
+    assert calls == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_sae_folder_is_refused_before_any_metric(tiny, tmp_path, monkeypatch, capsys):
+    run, calls, args = evaluate_setup(tiny, tmp_path, monkeypatch)
+    (run / "k4").chmod(0o500)
+    try:
+        one_line_error(evaluate.main, args, monkeypatch, capsys, f"{run}/k4 is not writable")
+    finally:
+        (run / "k4").chmod(0o700)
+    assert calls == []

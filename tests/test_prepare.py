@@ -324,7 +324,7 @@ def test_tiny_default_end_to_end(tmp_path, monkeypatch, capsys):
                   "--val_fraction=0.1", "--eval_sets=[]"])  # tests/test_evaldata.py builds them
     assert "RANDOM" in capsys.readouterr().out
 
-    assert sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors", "prepared_from.json", "tokenizer.json"]
     umask = os.umask(0)
     os.umask(umask)
     for path in [*model_dir.iterdir(), *tokens.iterdir()]:  # readable like any new file, not owner-only
@@ -397,8 +397,9 @@ def test_a_bin_file_holding_code_is_refused_and_left_alone(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     bin_path = tmp_path / "pytorch_model.bin"
     torch.save({"embed_in.weight": torch.zeros(2), "payload": _RunsCode()}, bin_path)
-    with pytest.raises(ValueError, match="refusing to load .*holds more than tensors"):
+    with pytest.raises(ValueError, match="refusing to load .*holds more than tensors") as refused:
         prepare.convert_bin_to_safetensors(str(bin_path))
+    assert "GLOBAL posix.system" in str(refused.value) and "weights_only" not in str(refused.value)  # no advice to run it
     assert not (tmp_path / "pwned").exists() and bin_path.exists()
     assert not (tmp_path / "model.safetensors").exists()
 

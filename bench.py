@@ -1,6 +1,8 @@
 """
 The two inner loops stripped down for timing, each against the reference implementation in the
-same run (warm-up first, then medians of interleaved repeats), printed as one table:
+same run (warm-up first, then interleaved repeats), printed as one table. Each side shows the
+median and the [min-max] of its repeats; a row is marked "noisy" where the two spreads overlap,
+so that run cannot tell the sides apart whatever the ratio of the medians:
 
   harvest   tokens/s of resid_post at the hooked layer of a random-weight Pythia-160M-shaped model
             (and a Gemma-2-2B-shaped one cut to a few blocks, in fp32 here, and a Gemma 3 270M-shaped
@@ -11,13 +13,17 @@ same run (warm-up first, then medians of interleaved repeats), printed as one ta
             (stop_at_layer) do.
   bf16      our Gemma 3 270M-shaped harvest in bf16 vs fp32 on the same weights: whether bf16 pays
             on this device (on a CPU without bf16 matrix units it does not; model.resolve_dtype).
+  cache     training one SAE from train.py's activation cache (train.Harvester reading its chunks,
+            then train.sae_step) vs harvesting the same LLM batches and training on them, on the
+            Gemma 3 270M-shaped model: what one more SAE seed costs per token with and without it.
   sae step  tokens/s of one training step exactly as train.py runs it (train.sae_step: the step,
             the dead counters and the threshold EMA), eager and torch.compile'd, vs dictionary_learning's
             MatryoshkaBatchTopKTrainer.update on the same batch with the same dead latents (so both
-            run aux-k), i.e. the same math.
-  roofline  the step's necessary matrix work, 4·B·d·F FLOPs (encoder forward + encoder weight
-            gradient; the decoder is sparse), at the fp32 GEMM rate of a (B, d) @ (d, F) product
-            (into a preallocated output) measured in the same run: "% of limit".
+            run aux-k), i.e. the same math. And (the first shape) the step under bf16 autocast vs
+            fp32, as sae_autocast runs it where the device has bf16 units.
+  roofline  the step's necessary matrix work, two GEMMs of 2·B·d·F FLOPs (encoder forward + encoder
+            weight gradient; the decoder is sparse), at the GEMM rate of a (B, d) @ (d, F) product
+            (into a preallocated output) in the step's dtype, measured in the same run: "% of limit".
 
 On a CPU the process runs with train.keep_freed_memory(), as train.py does: glibc's default of
 mapping fresh pages for every big tensor costs both SAE steps here speed (dictionary_learning's most).
@@ -296,8 +302,11 @@ def sae_rows(cfg, F, k, rival):
     elif rival == "reference":
         runs["reference"] = reference_step(cfg, d, F, k, x, dead_mask)
     elif rival == "bf16":
-        x16, W16, out16 = x.bfloat16(), W_enc.bfloat16(), gemm_out.bfloat16()
-        runs["gemm_bf16"] = lambda: torch.mm(x16, W16, out=out16)
+        # the floor in bf16 only where the step's products run in bf16: on a CPU sae.py's sparse
+        # step keeps them fp32 under autocast (SAE.training_loss), so its floor stays fp32
+        if not cfg.device.startswith("cpu"):
+            x16, W16, out16 = x.bfloat16(), W_enc.bfloat16(), gemm_out.bfloat16()
+            runs["gemm_bf16"] = lambda: torch.mm(x16, W16, out=out16)
         autocast = torch.autocast(torch.device(cfg.device).type, torch.bfloat16)
         runs["bf16"] = our_step(cfg, train_cfg, d, F, k, x, dead_mask, False, autocast)
     times = timed(runs, cfg)
@@ -306,9 +315,9 @@ def sae_rows(cfg, F, k, rival):
     # decoder is sparse), 2·B·d·F FLOPs each, at the median rate of the (B, d) @ (d, F) product
     gemm = {name: 2 * B * d * F / statistics.median(t) for name, t in times.items() if name.startswith("gemm")}
     ours = {"compiled": "compiled", "bf16": "bf16"}.get(rival, "eager")
-    gemm_flops = gemm["gemm_bf16" if ours == "bf16" else "gemm"]
+    dtype = "bf16" if "gemm_bf16" in gemm and ours == "bf16" else "fp32"
+    gemm_flops = gemm["gemm_bf16" if dtype == "bf16" else "gemm"]
     limit = gemm_flops / (4 * d * F)  # tokens/s if the step were only its two necessary GEMMs
-    dtype = "bf16" if ours == "bf16" else "fp32"
     case = f"sae step d{d} F{F} k{k} B{B}"
     print(f"{case}: " + ", ".join(f"{name} {v[1]:,.0f} tok/s" for name, v in tok_s.items())
           + "".join(f", {n.replace('gemm', 'GEMM').replace('_', ' ')} {v / 1e9:.0f} GFLOP/s" for n, v in gemm.items()),

@@ -33,8 +33,8 @@ def test_quick_bench_writes_every_row(tmp_path):
     step = rows["sae step d64 F512 k8 B256 eager"]
     assert step["ours_tok_s"] > 0 and step["limit_tok_s"] > 0 and step["gemm_dtype"] == "fp32"
     assert abs(step["pct_of_limit"] - 100 * step["ours_tok_s"] / step["limit_tok_s"]) < 1e-9
-    step16 = rows["sae step d64 F512 k8 B256 bf16 autocast"]  # the floor at the bf16 GEMM rate
-    assert step16["vs"] == "ours eager fp32" and step16["gemm_dtype"] == "bf16"
+    step16 = rows["sae step d64 F512 k8 B256 bf16 autocast"]  # on a CPU the sparse step stays fp32
+    assert step16["vs"] == "ours eager fp32" and step16["gemm_dtype"] == "fp32"
     cache = rows["cache gemma3-tiny L6 ctx32 F512 k8"]  # one SAE from the cache vs harvest + train
     assert cache["vs"].startswith("harvest (float32) + train") and cache["cache_bytes_per_token"] == 64 * 4 + 1
     for row in table["rows"]:  # every side's spread over the repeats, "noisy" exactly where they overlap

@@ -6,6 +6,8 @@ from the cache with SAEs trained on the live harvest, bit for bit.
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -182,3 +184,20 @@ def test_sae_autocast_is_bf16_only_where_the_device_has_bf16_units(monkeypatch):
     stats = train.sae_step(s, s.training_loss, optimizer, torch.zeros(64, dtype=torch.long), x, 1, 1e-3, cfg, 1,
                            context)
     assert torch.isfinite(stats["loss"]) and s.W_enc.dtype == torch.float32  # bf16 math, fp32 weights
+
+
+def test_two_ranks_share_one_cache_each_in_its_own_folder(tiny, tmp_path):
+    """torchrun on CPU: rank 0 checks the key, each rank writes and reads its own chunks, and the
+    cached run equals the live one bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache = tmp_path / "cache"
+    for run, extra in [("live", ()), ("writes", (f"--activation_cache={cache}",)),
+                       ("reads", (f"--activation_cache={cache}",))]:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(root, "train.py"), *fast_settings(tiny, tmp_path / run, *extra)],
+                       check=True, cwd=root, env=env, stdout=subprocess.DEVNULL)
+    assert sorted(os.listdir(cache)) == ["key.json", "rank0", "rank1"]
+    assert json.loads((cache / "key.json").read_text())["world"] == 2
+    assert_same_saes(tmp_path / "live", tmp_path / "writes")
+    assert_same_saes(tmp_path / "live", tmp_path / "reads")

@@ -157,6 +157,26 @@ def test_the_cache_size_is_printed_and_a_small_disk_refused(tiny, tmp_path, monk
     assert os.listdir(cache / "rank0") == []
 
 
+def test_every_filter_reads_the_same_cache_as_the_live_harvest_gives(tiny, tmp_path):
+    """The chunks hold all valid positions; train_on_masked and the outlier filter act on reading."""
+    writer, _, _ = harvester(tiny, mask_prob=0.3)
+    writer.cache = str(tmp_path)
+    for _ in range(3):
+        writer.next_acts()
+    for settings in [dict(train_on_masked=False), dict(outlier_norm_ratio=1.2),
+                     dict(train_on_masked=False, outlier_norm_ratio=1.2)]:
+        live, _, _ = harvester(tiny, mask_prob=0.3, **settings)
+        cached, _, _ = harvester(tiny, mask_prob=0.3, **settings)
+        cached.cache, cached.harvest = str(tmp_path), None  # harvesting would fail
+        kept = 0
+        for _ in range(3):
+            a, b = live.next_acts(), cached.next_acts()
+            assert torch.equal(a, b)
+            kept += len(a)
+        assert kept < cached.tokens_eligible  # the filter dropped positions the cache holds
+        assert (cached.tokens_masked, cached.tokens_eligible) == (live.tokens_masked, live.tokens_eligible)
+
+
 # --- the seed split ----------------------------------------------------------------------------
 
 def test_seed_leaves_the_harvest_alone_and_data_seed_moves_the_masks(tiny):

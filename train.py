@@ -304,6 +304,8 @@ def write_chunk(path, acts, masked):
             f.write(save({"acts": acts.contiguous().cpu(), "masked": masked.contiguous().cpu()}))
         prepare._replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise OSError(f"could not write activation cache chunk {path}: {e}. The chunks before it are "
                       f"whole; free space and rerun to extend the cache") from None
 

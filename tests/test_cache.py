@@ -177,6 +177,22 @@ def test_every_filter_reads_the_same_cache_as_the_live_harvest_gives(tiny, tmp_p
         assert (cached.tokens_masked, cached.tokens_eligible) == (live.tokens_masked, live.tokens_eligible)
 
 
+def test_a_full_disk_while_writing_a_chunk_stops_the_run_with_the_cache_whole(tiny, tmp_path, monkeypatch):
+    import errno
+    cache, real_replace = tmp_path / "cache", train.prepare._replace
+
+    def full_at_chunk_3(tmp, path):
+        if path.endswith("00000003.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(tmp, path)
+
+    monkeypatch.setattr(train.prepare, "_replace", full_at_chunk_3)
+    with pytest.raises(OSError, match=r"could not write activation cache chunk .*00000003.safetensors: "
+                                      r"\[Errno 28\] No space left on device. The chunks before it are whole"):
+        train.main(fast_settings(tiny, tmp_path / "run", f"--activation_cache={cache}"))
+    assert sorted(os.listdir(cache / "rank0")) == [f"{i:08d}.safetensors" for i in range(3)]  # no tmp left
+
+
 # --- the seed split ----------------------------------------------------------------------------
 
 def test_seed_leaves_the_harvest_alone_and_data_seed_moves_the_masks(tiny):

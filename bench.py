@@ -1,6 +1,8 @@
 """
 The two inner loops stripped down for timing, each against the reference implementation in the
-same run (warm-up first, then medians of interleaved repeats), printed as one table:
+same run (warm-up first, then interleaved repeats), printed as one table. Each side shows the
+median and the [min-max] of its repeats; a row is marked "noisy" where the two spreads overlap,
+so that run cannot tell the sides apart whatever the ratio of the medians:
 
   harvest   tokens/s of resid_post at the hooked layer of a random-weight Pythia-160M-shaped model
             (and a Gemma-2-2B-shaped one cut to a few blocks, in fp32 here, and a Gemma 3 270M-shaped
@@ -11,13 +13,17 @@ same run (warm-up first, then medians of interleaved repeats), printed as one ta
             (stop_at_layer) do.
   bf16      our Gemma 3 270M-shaped harvest in bf16 vs fp32 on the same weights: whether bf16 pays
             on this device (on a CPU without bf16 matrix units it does not; model.resolve_dtype).
+  cache     training one SAE from train.py's activation cache (train.Harvester reading its chunks,
+            then train.sae_step) vs harvesting the same LLM batches and training on them, on the
+            Gemma 3 270M-shaped model: what one more SAE seed costs per token with and without it.
   sae step  tokens/s of one training step exactly as train.py runs it (train.sae_step: the step,
             the dead counters and the threshold EMA), eager and torch.compile'd, vs dictionary_learning's
             MatryoshkaBatchTopKTrainer.update on the same batch with the same dead latents (so both
-            run aux-k), i.e. the same math.
-  roofline  the step's necessary matrix work, 4·B·d·F FLOPs (encoder forward + encoder weight
-            gradient; the decoder is sparse), at the fp32 GEMM rate of a (B, d) @ (d, F) product
-            (into a preallocated output) measured in the same run: "% of limit".
+            run aux-k), i.e. the same math. And (the first shape) the step under bf16 autocast vs
+            fp32, as sae_autocast runs it where the device has bf16 units.
+  roofline  the step's necessary matrix work, two GEMMs of 2·B·d·F FLOPs (encoder forward + encoder
+            weight gradient; the decoder is sparse), at the GEMM rate of a (B, d) @ (d, F) product
+            (into a preallocated output) in the step's dtype, measured in the same run: "% of limit".
 
 On a CPU the process runs with train.keep_freed_memory(), as train.py does: glibc's default of
 mapping fresh pages for every big tensor costs both SAE steps here speed (dictionary_learning's most).
@@ -49,6 +55,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,6 +87,7 @@ gemma_dtype = "float32"            # Gemma runs in bfloat16 on a GPU, but bf16 G
 gemma_tokens = 1024                # one row of the longest ctx: the 256k-vocab head makes the full forward slow
 gemma3_layer = 6                   # hooked layer of the Gemma 3 270M-shaped model (18 blocks; -1 = skip)
 gemma3_dtype = "auto"              # float32 | bfloat16 | auto (as train.py's llm_dtype; fp32 on this CPU)
+cache_batches = 4                  # cache row: LLM batches (harvest_tokens each, ctx_lens[0]) per timed run
 # sae step
 batch_size = 2048                  # B, the paper's
 sae_d_in = 768                     # d: Pythia-160M's width
@@ -116,12 +124,12 @@ _GEMMA3 = dict(  # google/gemma-3-270m's config.json
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, rope_theta=1_000_000.0,
     rope_local_base_freq=10_000.0, rope_scaling=None, rms_norm_eps=1e-6, max_position_embeddings=32768,
     bos_token_id=2, eos_token_id=1, pad_token_id=0)
-_QUICK = dict(ctx_lens=[32], harvest_tokens=128, gemma_tokens=64, layer=1, gemma_layers=2, batch_size=256,
+_QUICK = dict(ctx_lens=[32], harvest_tokens=128, cache_batches=3, gemma_tokens=64, layer=1, gemma_layers=2, batch_size=256,
               sae_d_in=64, sae_shapes=[[512, 8]], repeats=2, warmup=1, compile=False)
 
 
 def timed(functions, cfg):
-    """{name: median seconds} of each function, run round-robin so load changes hit all alike."""
+    """{name: [seconds of each repeat]} of each function, run round-robin so load changes hit all alike."""
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     times = {name: [] for name in functions}
     for i in range(cfg.warmup + cfg.repeats):
@@ -132,7 +140,19 @@ def timed(functions, cfg):
             sync()
             if i >= cfg.warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def rates(times, count):
+    """{name: [min, median, max] of count / seconds} over each function's repeats."""
+    return {name: [count / max(t), count / statistics.median(t), count / min(t)] for name, t in times.items()}
+
+
+def versus(case, ours, vs_name, vs, **extra):
+    """A table row: our median against the rival's, both spreads kept. "noisy" when the spreads
+    overlap: then this run cannot say which side is faster, whatever the ratio of medians."""
+    return dict(row=case, ours_tok_s=ours[1], ours_spread=ours, vs=vs_name, vs_tok_s=vs[1], vs_spread=vs,
+                ratio=ours[1] / vs[1], noisy=ours[0] <= vs[2] and vs[0] <= ours[2], **extra)
 
 
 def optional(module):
@@ -208,14 +228,11 @@ def harvest_rows(cfg, transformers, name, hub_config, hook, dtype, ctx_lens, tok
                 error = (runs[other]().float() - reference).norm() / reference.norm()
                 if error > (1e-4 if dtype == torch.float32 else 3e-2):
                     raise RuntimeError(f"{name}: {other} differs from transformers at layer {hook} (rel. error {error:.2e})")
-            seconds = timed(runs, cfg)
-        tok_s = {key: idx.numel() / s for key, s in seconds.items()}
+            tok_s = rates(timed(runs, cfg), idx.numel())
         case = f"harvest {name} L{hook} ctx{ctx}"
-        print(f"{case}: " + ", ".join(f"{key} {v:,.0f} tok/s" for key, v in tok_s.items()), flush=True)
-        rows.append(dict(row=case, ours_tok_s=tok_s["ours"], vs="transformers full forward + output_hidden_states",
-                         vs_tok_s=tok_s["full"], ratio=tok_s["ours"] / tok_s["full"]))
-        rows.append(dict(row=case, ours_tok_s=tok_s["ours"], vs=f"transformers stopped after block {hook}",
-                         vs_tok_s=tok_s["cut"], ratio=tok_s["ours"] / tok_s["cut"]))
+        print(f"{case}: " + ", ".join(f"{key} {v[1]:,.0f} tok/s" for key, v in tok_s.items()), flush=True)
+        rows.append(versus(case, tok_s["ours"], "transformers full forward + output_hidden_states", tok_s["full"]))
+        rows.append(versus(case, tok_s["ours"], f"transformers stopped after block {hook}", tok_s["cut"]))
     return rows
 
 
@@ -227,29 +244,29 @@ def bf16_rows(cfg, name, hub_config, hook, ctx_lens, tokens):
     for ctx in ctx_lens:
         idx = random_rows(cfg, hub_config, ctx, tokens)
         with torch.no_grad():
-            seconds = timed({dtype: lambda m=m: m.resid_post(idx, hook) for dtype, m in models.items()}, cfg)
-        tok_s = {dtype: idx.numel() / s for dtype, s in seconds.items()}
+            tok_s = rates(timed({dtype: lambda m=m: m.resid_post(idx, hook) for dtype, m in models.items()}, cfg),
+                          idx.numel())
         case = f"bf16 {name} L{hook} ctx{ctx}"
-        print(f"{case}: bf16 {tok_s['bfloat16']:,.0f} tok/s, fp32 {tok_s['float32']:,.0f} tok/s", flush=True)
-        rows.append(dict(row=case, ours_tok_s=tok_s["bfloat16"], vs="ours in fp32", vs_tok_s=tok_s["float32"],
-                         ratio=tok_s["bfloat16"] / tok_s["float32"]))
+        print(f"{case}: bf16 {tok_s['bfloat16'][1]:,.0f} tok/s, fp32 {tok_s['float32'][1]:,.0f} tok/s", flush=True)
+        rows.append(versus(case, tok_s["bfloat16"], "ours in fp32", tok_s["float32"]))
     return rows
 
 
 # -----------------------------------------------------------------------------
 # SAE step: train.py's step vs dictionary_learning's MatryoshkaBatchTopKTrainer.update
 
-def our_step(cfg, train_cfg, d, F, k, x, dead_mask, compiled):
+def our_step(cfg, train_cfg, d, F, k, x, dead_mask, compiled, autocast=None):
     """train.py's inner loop body for one SAE (train.sae_step: the step, dead counters, threshold
-    EMA), late in training (aux-k and the threshold EMA on)."""
+    EMA), late in training (aux-k and the threshold EMA on); fp32 unless given an autocast."""
     sae = sae_lib.SAE(d, F, arch="matryoshka_batchtopk", k=k, seed=cfg.seed).to(cfg.device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999), fused=True)  # as train.py
     loss_fn = torch.compile(sae.training_loss) if compiled else sae.training_loss
     dead = torch.zeros(F, dtype=torch.long, device=cfg.device)
 
-    def step():
+    def step(batch=x):
         dead.copy_(dead_mask.long() * 10**12)  # the same dead latents every step
-        train.sae_step(sae, loss_fn, optimizer, dead, x, 10**6, 3e-4, train_cfg, 1, contextlib.nullcontext())
+        train.sae_step(sae, loss_fn, optimizer, dead, batch, 10**6, 3e-4, train_cfg, 1,
+                       autocast or contextlib.nullcontext())
     return step
 
 
@@ -269,7 +286,8 @@ def reference_step(cfg, d, F, k, x, dead_mask):
 
 
 def sae_rows(cfg, F, k, rival):
-    """Our eager step timed interleaved with a rival: our compiled step, or dictionary_learning's."""
+    """Our eager fp32 step timed interleaved with a rival: our compiled step, dictionary_learning's,
+    or ours under bf16 autocast ("bf16", as train.py's sae_autocast runs it where bf16 is native)."""
     d, B = cfg.sae_d_in, cfg.batch_size
     generator = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(B, d, generator=generator).to(cfg.device) / d ** 0.5  # E||x||² = 1, as train.py scales
@@ -283,24 +301,88 @@ def sae_rows(cfg, F, k, rival):
         runs["compiled"] = our_step(cfg, train_cfg, d, F, k, x, dead_mask, True)
     elif rival == "reference":
         runs["reference"] = reference_step(cfg, d, F, k, x, dead_mask)
-    seconds = timed(runs, cfg)
-    tok_s = {name: B / s for name, s in seconds.items() if name != "gemm"}
-    gemm_flops = 2 * B * d * F / seconds["gemm"]
+    elif rival == "bf16":
+        # the floor in bf16 only where the step's products run in bf16: on a CPU sae.py's sparse
+        # step keeps them fp32 under autocast (SAE.training_loss), so its floor stays fp32
+        if not cfg.device.startswith("cpu"):
+            x16, W16, out16 = x.bfloat16(), W_enc.bfloat16(), gemm_out.bfloat16()
+            runs["gemm_bf16"] = lambda: torch.mm(x16, W16, out=out16)
+        autocast = torch.autocast(torch.device(cfg.device).type, torch.bfloat16)
+        runs["bf16"] = our_step(cfg, train_cfg, d, F, k, x, dead_mask, False, autocast)
+    times = timed(runs, cfg)
+    tok_s = rates({name: t for name, t in times.items() if not name.startswith("gemm")}, B)
+    # the floor: the step's two necessary GEMMs (encoder forward, encoder weight gradient; the
+    # decoder is sparse), 2·B·d·F FLOPs each, at the median rate of the (B, d) @ (d, F) product
+    gemm = {name: 2 * B * d * F / statistics.median(t) for name, t in times.items() if name.startswith("gemm")}
+    ours = {"compiled": "compiled", "bf16": "bf16"}.get(rival, "eager")
+    dtype = "bf16" if "gemm_bf16" in gemm and ours == "bf16" else "fp32"
+    gemm_flops = gemm["gemm_bf16" if dtype == "bf16" else "gemm"]
     limit = gemm_flops / (4 * d * F)  # tokens/s if the step were only its two necessary GEMMs
     case = f"sae step d{d} F{F} k{k} B{B}"
-    print(f"{case}: " + ", ".join(f"{name} {v:,.0f} tok/s" for name, v in tok_s.items())
-          + f", fp32 GEMM {gemm_flops / 1e9:.0f} GFLOP/s", flush=True)
-    ours = "compiled" if rival == "compiled" else "eager"
-    row = dict(row=f"{case} {ours}", ours_tok_s=tok_s[ours], gemm_gflops=gemm_flops / 1e9, limit_tok_s=limit,
-               pct_of_limit=100 * tok_s[ours] / limit)
+    print(f"{case}: " + ", ".join(f"{name} {v[1]:,.0f} tok/s" for name, v in tok_s.items())
+          + "".join(f", {n.replace('gemm', 'GEMM').replace('_', ' ')} {v / 1e9:.0f} GFLOP/s" for n, v in gemm.items()),
+          flush=True)
+    floor = dict(gemm_dtype=dtype, gemm_gflops=gemm_flops / 1e9, limit_tok_s=limit,
+                 pct_of_limit=100 * tok_s[ours][1] / limit)
+    name = f"{case} {'bf16 autocast' if ours == 'bf16' else ours}"
     if rival == "compiled":
-        row.update(vs="ours eager", vs_tok_s=tok_s["eager"], ratio=tok_s["compiled"] / tok_s["eager"])
-    elif rival == "reference":
-        row.update(vs="dictionary_learning MatryoshkaBatchTopKTrainer.update", vs_tok_s=tok_s["reference"],
-                   ratio=tok_s["eager"] / tok_s["reference"])
-    else:
-        row.update(note="dictionary_learning is not importable: no reference")
-    return [row]
+        return [versus(name, tok_s["compiled"], "ours eager", tok_s["eager"], **floor)]
+    if rival == "reference":
+        return [versus(name, tok_s["eager"], "dictionary_learning MatryoshkaBatchTopKTrainer.update",
+                       tok_s["reference"], **floor)]
+    if rival == "bf16":
+        return [versus(name, tok_s["bf16"], "ours eager fp32", tok_s["eager"], **floor)]
+    return [dict(row=name, ours_tok_s=tok_s["eager"][1], ours_spread=tok_s["eager"],
+                 note="dictionary_learning is not importable: no reference", **floor)]
+
+
+# -----------------------------------------------------------------------------
+# the activation cache: one SAE trained from it vs harvested and trained, as train.py runs both
+
+def cache_rows(cfg, name, hub_config, hook, dtype, ctx):
+    """train.Harvester reading a filled activation cache vs running the LLM (masks, resid_post),
+    each followed by our eager step on what it gave: what one more SAE seed costs per token with
+    the cache, and without. The model is random, the token ids too; the timing does not care."""
+    d, B, (F, k) = hub_config["hidden_size"], cfg.batch_size, cfg.sae_shapes[0]
+    folder = checkpoint(cfg, name, hub_config, torch.float32)
+    m = model_lib.load(folder, cfg.device, dtype)
+    work = tempfile.mkdtemp(prefix="cache-bench-")
+    rows = max(1, cfg.harvest_tokens // ctx)
+    ids = torch.randint(3, hub_config["vocab_size"], (cfg.cache_batches * rows * ctx,),
+                        generator=torch.Generator().manual_seed(cfg.seed)).numpy().astype("uint32")
+    ids.tofile(os.path.join(work, "train.bin"))
+    prepare.write_json(os.path.join(work, "meta.json"), dict(dtype="uint32", train_tokens=len(ids)))
+    train_cfg = configurator.configure(vars(train), [
+        f"--tokens_dir={work}", f"--layer={hook}", f"--ctx_len={ctx}", f"--llm_batch_rows={rows}",
+        f"--llm_dtype={dtype}", f"--batch_size={B}", "--mask_prob=0.3"])
+    mask_id = hub_config["vocab_size"] - 1
+    os.makedirs(os.path.join(work, "cache"))
+    harvesters = {"cache": train.Harvester(m, train_cfg, mask_id, 0, 1, os.path.join(work, "cache")),
+                  "harvest": train.Harvester(m, train_cfg, mask_id, 0, 1)}
+    dead_mask = torch.rand(F, generator=torch.Generator().manual_seed(cfg.seed)) < cfg.dead_fraction
+    step = our_step(cfg, train_cfg, d, F, k, torch.zeros(B, d, device=cfg.device), dead_mask.to(cfg.device), False)
+    trained = []
+
+    def run(harvester):
+        harvester.batches_done = 0  # the same LLM batches every repeat
+        x = torch.cat([harvester.next_acts() for _ in range(cfg.cache_batches)]).float()
+        x = x / x.pow(2).sum(-1).mean().sqrt()  # as train.py scales
+        trained.append(len(x) // B * B)
+        for i in range(len(x) // B):
+            step(x[i * B:(i + 1) * B])
+
+    run(harvesters["cache"])  # fills the cache (harvests and writes every chunk)
+    try:
+        tok_s = rates(timed({key: lambda h=h: run(h) for key, h in harvesters.items()}, cfg), trained[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    nbytes = 2 if dtype == "bfloat16" else 4
+    case = f"cache {name} L{hook} ctx{ctx} F{F} k{k}"
+    print(f"{case}: from the cache {tok_s['cache'][1]:,.0f} tok/s, harvest + train {tok_s['harvest'][1]:,.0f} tok/s "
+          f"({dtype}; the cache takes {d * nbytes + 1} bytes a token, {(d * nbytes + 1) / 2**20 * 1e6:,.0f} MiB "
+          f"per million)", flush=True)
+    return [versus(case, tok_s["cache"], f"harvest ({dtype}) + train, as without the cache", tok_s["harvest"],
+                   cache_bytes_per_token=d * nbytes + 1)]
 
 
 # -----------------------------------------------------------------------------
@@ -364,18 +446,23 @@ def training_run(cfg, workdir, hub_config, steps, extra=()):
 # -----------------------------------------------------------------------------
 
 def print_table(rows):
-    print(f"\n{'row':<40} {'ours tok/s':>11}  {'vs':<50} {'tok/s':>9} {'ratio':>7}  {'% of limit':>10}")
+    """Each side as median [min-max] tokens/s over the interleaved repeats; "noisy" where the two
+    spreads overlap, so the ratio of medians is not a measured difference."""
+    spread = lambda v: f"{v[1]:>9,.0f} [{v[0]:,.0f}-{v[2]:,.0f}]"  # noqa: E731
+    print(f"\n{'row':<44} {'ours tok/s [min-max]':>30}  {'vs':<50} {'tok/s [min-max]':>30} {'ratio':>7}"
+          f"        {'% of limit':>10}")
     for r in rows:
         if "ours_tok_s" not in r:
-            print(f"{r['row']:<40} {r.get('note', '')}")
+            print(f"{r['row']:<44} {r.get('note', '')}")
             continue
-        vs = f"{r['vs_tok_s']:>9,.0f} {r['ratio']:>6.2f}x" if "vs" in r else f"{'-':>9} {'-':>7}"
+        vs = (f"{spread(r['vs_spread']):>30} {r['ratio']:>6.2f}x {'noisy' if r['noisy'] else '':<6}" if "vs" in r
+              else f"{'-':>30} {'-':>7} {'':<6}")
         limit = f"{r['pct_of_limit']:>9.0f}%" if "pct_of_limit" in r else ""
-        print(f"{r['row']:<40} {r['ours_tok_s']:>11,.0f}  {r.get('vs', r.get('note', '')):<50} {vs}  {limit}")
+        print(f"{r['row']:<44} {spread(r['ours_spread']):>30}  {r.get('vs', r.get('note', '')):<50} {vs} {limit}")
     for r in rows:
         if "limit_tok_s" in r:
-            print(f"  {r['row']}: fp32 GEMM {r['gemm_gflops']:.0f} GFLOP/s, so 4·B·d·F FLOPs per step allow "
-                  f"{r['limit_tok_s']:,.0f} tok/s")
+            print(f"  {r['row']}: {r['gemm_dtype']} GEMM {r['gemm_gflops']:.0f} GFLOP/s, so two GEMMs of 2·B·d·F "
+                  f"FLOPs per step allow {r['limit_tok_s']:,.0f} tok/s")
 
 
 def main(argv):
@@ -421,7 +508,12 @@ def main(argv):
                              cfg.ctx_lens, cfg.gemma_tokens)
     if cfg.gemma3_layer >= 0 and wanted(f"bf16 {names[2]}"):
         rows += bf16_rows(cfg, names[2], gemma3, cfg.gemma3_layer, cfg.ctx_lens, cfg.gemma_tokens)
+    if cfg.gemma3_layer >= 0 and wanted(f"cache {names[2]}"):
+        dtype = model_lib.resolve_dtype(cfg.gemma3_dtype, "gemma3", cfg.device)
+        rows += cache_rows(cfg, names[2], gemma3, cfg.gemma3_layer, dtype, cfg.ctx_lens[0])
     sae_shapes = cfg.sae_shapes if wanted("sae step") else []
+    for F, k in sae_shapes[:1]:  # bf16 autocast vs fp32, as sae_autocast would run it here
+        rows += sae_rows(cfg, F, k, "bf16")
     for F, k in sae_shapes if cfg.compile else []:
         rows += sae_rows(cfg, F, k, "compiled")
     # only now: importing dictionary_learning imports nnsight, which patches torch so that

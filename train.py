@@ -25,6 +25,7 @@ import copy
 import ctypes
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 import configurator
 import model as model_lib
@@ -60,6 +61,9 @@ buffer_tokens = 65_536             # shuffle buffer; refilled when half has been
 llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA
                                    # and on CPUs with bf16 matrix units, else fp32; the log says which)
 outlier_norm_ratio = 0.0           # drop tokens with norm > ratio x batch median (0 = off)
+activation_cache = ""              # folder of harvested activations: the first run writes it, later
+                                   # runs with the same harvest settings read it ("" = off; README,
+                                   # Activation cache)
 # SAE
 arch = "matryoshka_batchtopk"      # matryoshka_batchtopk | batchtopk | topk | relu
 ks = [20, 80]                      # one SAE per target L0 (paper: 20, 40, 80, 160)
@@ -78,11 +82,16 @@ dead_tokens = 6_144                # a latent unseen for this many tokens is dea
                                    # 2% of total_tokens, the paper's 10M of 500M, so aux-k runs here too
 threshold_start = 30               # inference-threshold EMA starts after this step (paper: 1000)
 scale_tokens = 16_384              # tokens used to estimate the activation scale
-seed = 0
+seed = 0                           # the SAE: its init and the shuffle buffer's order
+data_seed = 0                      # the data: the masks. Runs differing only in seed share one
+                                   # harvested stream, hence one activation_cache (README, Seeds)
 # system
 device = "auto"                    # auto | cpu | cuda | cuda:N
 compile = "auto"                   # torch.compile the SAE loss: auto (= on CUDA) | on | off
-sae_autocast = True                # bf16 autocast for the SAE step on CUDA (CPU stays fp32)
+sae_autocast = True                # bf16 autocast for the SAE step where the device has bf16 units:
+                                   # CUDA, or a CPU with AVX512_BF16/AMX (model.resolve_dtype's test);
+                                   # fp32 elsewhere. On a CPU sae.py's sparse step keeps its products
+                                   # fp32 under autocast, so today it changes nothing there (README, Speed)
 tf32 = True                        # CUDA: fp32 matmuls (a float32 LLM's forward) on TF32 tensor cores,
                                    # ~1e-3 relative error, ~7x the fp32 rate on an H100; False = exact fp32
 log_interval = 25
@@ -92,7 +101,9 @@ wandb_project = ""                 # log to Weights & Biases when set (optional 
 
 # settings that may change between a checkpoint and its resumption. out_dir: the checkpoint was
 # found in it, so it is the run's folder however it is spelled and wherever it has been moved
-_RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "tf32", "wandb_project", "out_dir"}
+# activation_cache: the cache holds the same stream the LLM would give, so it may come or go
+_RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "tf32", "wandb_project", "out_dir",
+                      "activation_cache"}
 _FOLDER_SETTINGS = {"model_dir", "tokens_dir"}  # compared as the folders they name, not as strings
 # divergence: an explained variance below this at a log step means the reconstruction error is
 # 100x the activations' variance; a fresh SAE starts near 0 and a diverging one runs to -1e29
@@ -109,17 +120,21 @@ def mask_tokens(rows, eligible, prob, mask_id, generator):
     return torch.where(masked, mask_id, rows), masked
 
 
-def mask_generator(seed, rank, batch_index):
-    """Masks depend on (seed, rank, batch) only, so resume and p=0 reproduce the stream exactly."""
-    state = np.random.SeedSequence([seed, rank, batch_index]).generate_state(2, dtype=np.uint64)
+def mask_generator(data_seed, rank, batch_index):
+    """Masks depend on (data_seed, rank, batch) only, so resume, p=0 and the activation cache
+    reproduce the stream exactly, and the SAE's `seed` leaves them alone."""
+    state = np.random.SeedSequence([data_seed, rank, batch_index]).generate_state(2, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> 1))
 
 
 class Harvester:
-    """Reads rows of the token file in order (rank r takes rows r, r+W, ...), masks and runs the LLM."""
+    """Reads rows of the token file in order (rank r takes rows r, r+W, ...), masks and runs the LLM;
+    with a cache folder, LLM batch i comes from its chunk file there when one exists, and each
+    batch harvested is written there."""
 
-    def __init__(self, m, cfg, mask_id, rank, world):
+    def __init__(self, m, cfg, mask_id, rank, world, cache=None):
         self.m, self.cfg, self.mask_id, self.rank, self.world = m, cfg, mask_id, rank, world
+        self.cache = cache              # this rank's chunk folder (open_cache), or None
         tokens, _ = prepare.open_tokens(cfg.tokens_dir, "train")
         self.n_rows = len(tokens) // (cfg.ctx_len - 1)
         if self.n_rows < world * cfg.llm_batch_rows:
@@ -146,25 +161,37 @@ class Harvester:
         return next(self.m.parameters()).device
 
     @torch.no_grad()
+    def harvest(self):
+        """One LLM batch: the activations of its valid positions (n, d) in the LLM's dtype, and
+        which of them were masked (n,). All of them, masked or not: what the cache stores."""
+        rows = self.read_rows()
+        valid = self.m.valid_mask(rows)  # BOS/EOS/pad are never masked and never trained on
+        generator = mask_generator(self.cfg.data_seed, self.rank, self.batches_done)
+        inputs, masked = mask_tokens(rows, valid, self.cfg.mask_prob, self.mask_id, generator)
+        return self.m.resid_post(inputs, self.cfg.layer)[valid], masked[valid]
+
     def next_acts(self):
         """Activations of one LLM batch at the hook, special positions dropped, shape (n, d)."""
         cfg = self.cfg
-        rows = self.read_rows()
-        valid = self.m.valid_mask(rows)  # BOS/EOS/pad are never masked and never trained on
-        generator = mask_generator(cfg.seed, self.rank, self.batches_done)
-        inputs, masked = mask_tokens(rows, valid, cfg.mask_prob, self.mask_id, generator)
-        resid = self.m.resid_post(inputs, cfg.layer)
-        keep = valid if cfg.train_on_masked else valid & ~masked
-        acts = resid[keep]
+        chunk = self.cache and chunk_path(self.cache, self.batches_done)
+        if chunk and os.path.exists(chunk):
+            stored, masked = read_chunk(chunk, self.m_device)
+        else:
+            stored, masked = self.harvest()
+        # the filters run on what was stored, so train_on_masked=False and the outlier filter read
+        # the same cache, and the stream is the live one bit for bit
+        acts = stored if cfg.train_on_masked else stored[~masked]
         if cfg.outlier_norm_ratio > 0:  # optional filter for outlier tokens (sae.py §5.5)
             norms = acts.norm(dim=-1)
             acts = acts[norms <= cfg.outlier_norm_ratio * norms.median()]
         if not torch.isfinite(acts).all():
             raise FloatingPointError(f"non-finite activations at layer {cfg.layer} in LLM batch "
                                      f"{self.batches_done} (rank {self.rank}); check the model/dtype")
+        if chunk and not os.path.exists(chunk):
+            write_chunk(chunk, stored, masked)
         self.batches_done += 1
         self.tokens_masked += int(masked.sum())
-        self.tokens_eligible += int(valid.sum())
+        self.tokens_eligible += len(masked)
         return acts
 
     def take(self, n):
@@ -200,6 +227,122 @@ class ShuffleBuffer:
             self.unread = torch.randperm(size, generator=self.generator).to(self.acts.device)
         batch, self.unread = self.unread[:n], self.unread[n:]
         return self.acts[batch]
+
+
+# -----------------------------------------------------------------------------
+# the activation cache: activation_cache/{key.json, rank{r}/{i:08d}.safetensors}. Chunk i of rank r
+# is that rank's LLM batch i: "acts" (n, d) in the LLM's dtype (bf16 when it ran in bf16; fp32
+# stays fp32, as fp16 would change the stream the SAE sees) and "masked" (n,), for every valid
+# position. Each chunk is written whole (tmp, fsync, rename), in order, so a killed writer leaves
+# a prefix that the next run reads and extends.
+
+def file_identity(path, known=None):
+    """A file's size and sha256; the hash is taken from `known` (this file's identity as recorded
+    before) while size and mtime are unchanged, so a big file is hashed once, not every run."""
+    stat = os.stat(path)
+    identity = dict(path=os.path.realpath(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    if known and all(known.get(k) == v for k, v in identity.items()):
+        return dict(identity, sha256=known["sha256"])
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return dict(identity, sha256=digest.hexdigest())
+
+
+def cache_key(cfg, m, mask_id, world, known=None):
+    """Everything the harvested stream depends on. Not seed, train_on_masked or outlier_norm_ratio:
+    the cache holds all valid positions, and the filters run on reading."""
+    known = known or {}
+    recorded = {f["path"]: f for f in known.get("model_files", [])}
+    files = model_lib.checkpoint_files(cfg.model_dir)[0] + [os.path.join(cfg.model_dir, "config.json")]
+    return dict(model_files=[file_identity(f, recorded.get(os.path.realpath(f))) for f in files],
+                tokens=file_identity(os.path.join(cfg.tokens_dir, "train.bin"), known.get("tokens")),
+                layer=cfg.layer, ctx_len=cfg.ctx_len, llm_batch_rows=cfg.llm_batch_rows,
+                mask_prob=cfg.mask_prob, mask_token_id=mask_id, data_seed=cfg.data_seed,
+                llm_dtype=cfg.llm_dtype, world=world, d_model=m.cfg.d_model)
+
+
+def _key_fields(key):
+    """The key as compared: files by name, size and content; their paths and mtimes only inform."""
+    fields = {k: v for k, v in key.items() if k not in ("model_files", "tokens")}
+    fields["model files"] = [(os.path.basename(f["path"]), f["size"], f["sha256"]) for f in key["model_files"]]
+    fields["tokens train.bin"] = (key["tokens"]["size"], key["tokens"]["sha256"])
+    return fields
+
+
+def open_cache(cfg, m, mask_id, rank, world):
+    """This rank's chunk folder in cfg.activation_cache, after checking (rank 0) or writing the
+    key. A cache of another harvest is refused with one line naming the fields that differ."""
+    path = os.path.join(cfg.activation_cache, "key.json")
+    if rank == 0:
+        known = None
+        if os.path.exists(path):
+            with open(path) as f:
+                known = json.load(f)
+        key = cache_key(cfg, m, mask_id, world, known)
+        if known is not None:
+            was, now = _key_fields(known), _key_fields(key)
+            differ = [k for k in now if was.get(k) != now[k]]
+            if differ:
+                shown = [k if k.endswith(("files", "train.bin")) else f"{k} (cache {was.get(k)!r}, now {now[k]!r})"
+                         for k in differ]
+                raise ValueError(f"activation_cache {cfg.activation_cache} holds another harvest: it differs in "
+                                 f"{', '.join(shown)}; choose another activation_cache folder or delete this one")
+        if key != known:  # new, or its files hashed again (moved or touched): record the new mtimes
+            prepare.write_json(path, key)
+    if world > 1:
+        dist.barrier()
+    folder = os.path.join(cfg.activation_cache, f"rank{rank}")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def chunk_path(folder, batch_index):
+    return os.path.join(folder, f"{batch_index:08d}.safetensors")
+
+
+def write_chunk(path, acts, masked):
+    tmp = f"{path}.{os.getpid()}.tmp"  # its own name: runs sharing a cache may write one chunk at once
+    try:
+        with open(tmp, "wb") as f:
+            f.write(save({"acts": acts.contiguous().cpu(), "masked": masked.contiguous().cpu()}))
+        prepare._replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write activation cache chunk {path}: {e}. The chunks before it are "
+                      f"whole; free space and rerun to extend the cache") from None
+
+
+def read_chunk(path, device):
+    try:
+        chunk = load_file(path, device=str(device))
+        return chunk["acts"], chunk["masked"]
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"activation cache chunk {path} is unreadable ({e}); delete it and the run "
+                         f"harvests that batch again") from None
+
+
+def check_cache_space(cfg, folder, d, world, log):
+    """Print the cache's size on disk (tokens x d x bytes) before writing it, and refuse a disk
+    that cannot hold the part not yet written. An estimate: every SAE token once, plus the buffer,
+    plus the masked positions that train_on_masked=False reads but drops."""
+    local_tokens = cfg.buffer_tokens + cfg.total_tokens // world
+    stored = local_tokens / (1 - cfg.mask_prob if not cfg.train_on_masked else 1)
+    per_batch = cfg.llm_batch_rows * (cfg.ctx_len - 1)  # at most; EOS positions are not stored
+    batches = math.ceil(stored / per_batch) + 1
+    nbytes = m_bytes(cfg)
+    total = world * batches * per_batch * (d * nbytes + 1)
+    have = sum(os.path.getsize(chunk_path(folder, i)) for i in range(batches)
+               if os.path.exists(chunk_path(folder, i))) * world
+    free = shutil.disk_usage(cfg.activation_cache).free
+    log(f"activation cache {cfg.activation_cache}: up to {world * batches * per_batch:,} tokens x {d} x "
+        f"{nbytes} bytes ({cfg.llm_dtype}) = {total / 2**30:.2f} GiB, {have / 2**30:.2f} GiB there already, "
+        f"{free / 2**30:.1f} GiB free")
+    if total - have > free:
+        raise OSError(f"activation_cache {cfg.activation_cache}: its disk has {free / 2**30:.1f} GiB free but the "
+                      f"cache needs {(total - have) / 2**30:.2f} GiB more; choose a folder on a bigger disk")
 
 
 # -----------------------------------------------------------------------------
@@ -499,6 +642,11 @@ def train(cfg, device, rank, world, log, on_exit):
     if cfg.resume and checkpoint_dir(cfg) is None:
         raise FileNotFoundError(f"resume=True but {cfg.out_dir}/checkpoint does not exist")
 
+    # the activation cache's key next (a cache of another harvest is bad input), then its size
+    cache = open_cache(cfg, m, mask_id, rank, world) if cfg.activation_cache else None
+    if cache and rank == 0:
+        check_cache_space(cfg, cache, m.cfg.d_model, world, log)
+
     # every input checked but the checkpoint, which needs the lock first: the first thing written
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:  # before reading a checkpoint that another run could be swapping
@@ -513,11 +661,12 @@ def train(cfg, device, rank, world, log, on_exit):
         if meta_state["world"] != world:
             raise ValueError(f"checkpoint was written by {meta_state['world']} ranks, now {world}")
 
-    # --- data: harvester + shuffle buffer (per rank), activation scale
-    harvester = Harvester(m, cfg, mask_id, rank, world)
+    # --- data: harvester (from the activation cache where it has the batch) + shuffle buffer (per
+    # rank), activation scale
+    d = m.cfg.d_model
+    harvester = Harvester(m, cfg, mask_id, rank, world, cache)
     buffer_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     t0 = time.time()
-    d = m.cfg.d_model
     log(f"filling the shuffle buffer: {cfg.buffer_tokens} tokens x {d} dims "
         f"({cfg.buffer_tokens * d * m_bytes(cfg) / 2**20:.0f} MiB per rank)")
     buffer = ShuffleBuffer(harvester, cfg.buffer_tokens, device, buffer_generator)
@@ -546,7 +695,7 @@ def train(cfg, device, rank, world, log, on_exit):
     sweep = cfg.l1_coefficients if cfg.arch == "relu" else cfg.ks
     names = [f"l1_{v:g}" if cfg.arch == "relu" else f"k{v}" for v in sweep]
     meta_cfg = dict(model=cfg.model_dir, tokens_dir=cfg.tokens_dir, layer=cfg.layer, hook=f"blocks.{cfg.layer}.hook_resid_post",
-                    mask_prob=cfg.mask_prob, mask_token=cfg.mask_token,
+                    mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, data_seed=cfg.data_seed,
                     train_on_masked=cfg.train_on_masked, training_tokens=cfg.total_tokens)
     saes = []
     for v in sweep:
@@ -584,7 +733,7 @@ def train(cfg, device, rank, world, log, on_exit):
 
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda"))
     loss_fns = [torch.compile(s.training_loss) if use_compile else s.training_loss for s in saes]
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda") and cfg.sae_autocast)
+    autocast = sae_autocast_context(device, cfg.sae_autocast)
     wandb = None
     if cfg.wandb_project and rank == 0:
         import wandb  # optional, only when asked for
@@ -660,6 +809,16 @@ def train(cfg, device, rank, world, log, on_exit):
             f"{harvester.tokens_masked / harvester.tokens_eligible:.4f} (mask_prob {cfg.mask_prob})")
     log(f"done in {(time.time() - t_begin) / 60:.1f} min: SAEs in "
         f"{', '.join(os.path.join(cfg.out_dir, n) for n in names)}")
+
+
+def sae_autocast_context(device, enabled):
+    """bf16 autocast for the SAE step where the device has bf16 units, else fp32. The test is
+    llm_dtype=auto's (model.resolve_dtype): bf16 for Gemma means the device runs bf16 natively
+    (CUDA, or a CPU with AVX512_BF16/AMX); without those units a bf16 GEMM is emulated, here 0.22
+    against 17 GFLOP/s in fp32 (README, Speed)."""
+    kind = torch.device(device).type
+    native = model_lib.resolve_dtype("auto", "gemma3", device) == "bfloat16"
+    return torch.autocast(kind, torch.bfloat16, enabled=bool(enabled) and native)
 
 
 def m_bytes(cfg):

@@ -31,8 +31,18 @@ def test_quick_bench_writes_every_row(tmp_path):
     for row in harvest:
         assert row["ours_tok_s"] > 0 and row["ratio"] == row["ours_tok_s"] / row["vs_tok_s"]
     step = rows["sae step d64 F512 k8 B256 eager"]
-    assert step["ours_tok_s"] > 0 and step["limit_tok_s"] > 0
+    assert step["ours_tok_s"] > 0 and step["limit_tok_s"] > 0 and step["gemm_dtype"] == "fp32"
     assert abs(step["pct_of_limit"] - 100 * step["ours_tok_s"] / step["limit_tok_s"]) < 1e-9
+    step16 = rows["sae step d64 F512 k8 B256 bf16 autocast"]  # on a CPU the sparse step stays fp32
+    assert step16["vs"] == "ours eager fp32" and step16["gemm_dtype"] == "fp32"
+    cache = rows["cache gemma3-tiny L6 ctx32 F512 k8"]  # one SAE from the cache vs harvest + train
+    assert cache["vs"].startswith("harvest (float32) + train") and cache["cache_bytes_per_token"] == 64 * 4 + 1
+    for row in table["rows"]:  # every side's spread over the repeats, "noisy" exactly where they overlap
+        low, median, high = row["ours_spread"]
+        assert low <= median == row["ours_tok_s"] <= high
+        if "vs" in row and "vs_spread" in row:
+            (a, _, b), (c, _, d) = row["ours_spread"], row["vs_spread"]
+            assert row["noisy"] == (a <= d and c <= b)
 
 
 def test_only_runs_the_rows_whose_name_contains_it(tmp_path):
@@ -42,7 +52,7 @@ def test_only_runs_the_rows_whose_name_contains_it(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {row["row"] for row in json.loads(json_path.read_text())["rows"]} == {
-        "harvest gemma3-tiny L6 ctx32", "bf16 gemma3-tiny L6 ctx32"}
+        "harvest gemma3-tiny L6 ctx32", "bf16 gemma3-tiny L6 ctx32", "cache gemma3-tiny L6 ctx32 F512 k8"}
 
 
 # ----------------------------------------------------------------------------- the GPU report

@@ -61,7 +61,7 @@ def test_mask_fraction_matches_mask_prob_and_never_touches_special_tokens():
     assert (masked_rows[masked] == 1).all()
 
 
-def test_mask_rng_depends_on_seed_rank_and_batch_only():
+def test_mask_rng_depends_on_data_seed_rank_and_batch_only():
     rows = torch.randint(2, 1000, (8, 64))
     eligible = torch.ones_like(rows, dtype=torch.bool)
     draw = lambda *key: train.mask_tokens(rows, eligible, 0.3, 1, train.mask_generator(*key))[1]

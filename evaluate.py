@@ -1833,8 +1833,10 @@ def _saebench_metrics(metric, r):
                           for n in names} for side in ("llm", "sae")}
         details = [dict(dataset_name=task, **{f"{side}_{n}": t.get(f"{side}_{n}") for side in ("llm", "sae") for n in names})
                    for task, t in r.get("per_task", {}).items()]
-        for d in details:
-            d["llm_test_accuracy"] = float("nan") if d["llm_test_accuracy"] is None else d["llm_test_accuracy"]
+        for d in details:  # the one detail SAEBench requires
+            if d["llm_test_accuracy"] is None:
+                d["llm_test_accuracy"] = float("nan")
+                nan[f"{d['dataset_name']}: llm_test_accuracy"] = "null in eval.json (llm_test_accuracy)"
     elif metric == "scr":
         per_run = r.get("per_run", {})
         def mean_over_runs(n, field):

@@ -20,6 +20,8 @@ import itertools
 import json
 import math
 import os
+import shutil
+import tempfile
 import warnings
 
 import torch
@@ -554,8 +556,9 @@ def export_saelens(sae, folder):
                             tensors["threshold"].expand(sae.cfg["d_sae"]).contiguous())
     # model_name: the hub id train.py recorded (prepare.py's source.json); the local folder the
     # model was loaded from stays beside it as model_path (SAELens' metadata takes any key)
-    metadata = dict(model_name=sae.cfg.get("model_name") or sae.cfg.get("model"), hook_name=f"blocks.{sae.cfg['layer']}.hook_resid_post",
-                    hook_head_index=None, prepend_bos=True, model_path=sae.cfg.get("model"))
+    metadata = dict(model_name=sae.cfg.get("model_name") or sae.cfg.get("model"),
+                    hook_name=f"blocks.{sae.cfg['layer']}.hook_resid_post", hook_head_index=None,
+                    prepend_bos=True, model_path=sae.cfg.get("model"))
     cfg = dict(architecture="jumprelu", d_in=sae.cfg["d_in"], d_sae=sae.cfg["d_sae"], dtype="float32",
                device="cpu", apply_b_dec_to_input=arch != "relu", normalize_activations="none",
                reshape_activations="none", activation_fn="relu", **metadata, metadata=metadata)
@@ -613,8 +616,6 @@ def push_to_hub(folder, repo_id, dry_run_dir=None, token=None, private=False):
     saebench/ files when evaluate.py has run, the SAELens export in saelens/, and a generated
     README.md (model_card). dry_run_dir: only write that folder, upload nothing. token: else
     HF_TOKEN or a saved `hf auth login`. Returns the folder written or the commit's URL."""
-    import shutil
-    import tempfile
     sae = load(folder)
     result = model_lib.read_json_object(os.path.join(folder, "eval.json")) if os.path.isfile(
         os.path.join(folder, "eval.json")) else None

@@ -62,6 +62,7 @@ import math
 import os
 import random
 import time
+import uuid
 from types import SimpleNamespace
 
 import numpy as np
@@ -85,6 +86,8 @@ rerun = False                      # recompute metrics an eval.json already hold
 eval_data_dir = "data/eval"        # the sets prepare.py wrote (its eval_sets)
 cache_dir = "out/cache"            # LLM activations, shared by all SAEs on one model/layer
 comparison_file = "out/comparison.md"
+saebench_json_dir = ""             # each metric in SAEBench's schema too: "" = <sae>/saebench/<metric>.json,
+                                   # a folder = SAEBench's layout there (<type>/<run>_<sae>_eval_results.json)
 # system
 device = "auto"                    # auto | cpu | cuda | cuda:N
 llm_dtype = "auto"                 # float32 | bfloat16 | auto (model.resolve_dtype: bf16 for Gemma on CUDA
@@ -1296,8 +1299,9 @@ def validation_splits(y, seed=42):
 
 
 def find_best_reg(x, y, penalty="l2", grid=tuple(np.logspace(5, -5, 10))):
-    """§6.5: the C of `grid` with the best mean validation AUC (first on ties), refitted on all
-    rows; C = 1 when there are too few rows to validate (n ≤ 3). Returns (w, b, C)."""
+    """§6.5: the C of `grid` with the best mean validation AUC (the first of those within 1e-12
+    of it), refitted on all rows; C = 1 when there are too few rows to validate (n ≤ 3).
+    Returns (w, b, C)."""
     x, y = torch.as_tensor(x, dtype=torch.float64), np.asarray(y)
     best = 1.0
     if len(y) > 3:
@@ -1312,7 +1316,9 @@ def find_best_reg(x, y, penalty="l2", grid=tuple(np.logspace(5, -5, 10))):
                 w, b = logistic_regression(x[train_idx], y[train_idx], C=C, penalty=penalty)
                 aucs.append(roc_auc((x[val_idx] @ w + b).numpy(), y[val_idx]))
             scores.append(np.mean(aucs) if aucs and not np.isnan(aucs).any() else -1.0)
-        best = grid[int(np.argmax(scores))]
+        # SAE-Probes' argmax takes the first of exactly equal AUCs; a sum in another order can
+        # differ by an ulp, so equal up to 1e-12 counts as a tie here
+        best = grid[int(np.flatnonzero(np.asarray(scores) >= max(scores) - 1e-12)[0])]
     w, b = logistic_regression(x, y, C=best, penalty=penalty)
     return w, b, float(best)
 
@@ -1399,7 +1405,7 @@ _HEADLINE = [  # (label, metric, key, ↑ better / ↓)
     ("OOD SAE AUC (k=128)", "ood", "sae_auc_k128", "↑"),
     ("OOD gap to oracle (k=128)", "ood", "gap_k128", "↓"),
 ]
-_PAIR_KEYS = {"seed", "k", "l1_coefficient", "scale"}  # SAE cfg keys that vary inside one arm
+_PAIR_KEYS = {"seed", "k", "l1_coefficient", "scale", "data_seed"}  # SAE cfg keys that vary inside one arm
 _EXACT_MAX_PAIRS = 16              # sign-flip test: all 2^n patterns up to here, else random ones
 _RANDOM_FLIPS = 2 ** 16
 _METHOD = (  # the README says the same
@@ -1786,6 +1792,187 @@ def plot_comparison(arms, path):
 
 
 # -----------------------------------------------------------------------------
+# SAEBench result files: each metric's eval.json entry in sae-bench 0.6.0's output schema
+# (sae_bench/evals/base_eval_output.py and <eval>/eval_output.py), so SAEBench's graphing code
+# and UIs read our numbers. A number SAEBench has a slot for goes there under SAEBench's name;
+# every other key of our entry (per-task tables, nulls and their reasons, intervals, validity
+# flags, whatever a metric adds later) passes through to eval_result_unstructured unchanged.
+# OOD has no file: SAEBench's sae-probes eval aggregates only the "normal" setting, not OOD.
+
+_SAEBENCH_VERSION = "0.6.0"
+_SAEBENCH_TYPES = {"core": "core", "absorption": "absorption_first_letter",
+                   "sparse_probing": "sparse_probing", "scr": "scr", "tpp": "tpp"}
+_SAEBENCH_KS = [1, 2, 5, 10, 20, 50, 100]          # sparse probing's top-k slots
+_SAEBENCH_NS = [2, 5, 10, 20, 50, 100, 500]         # SCR / TPP's threshold slots
+_SAEBENCH_CORE = {  # category: {SAEBench metric: our key}; None = a number we do not compute
+    "model_behavior_preservation": dict(kl_div_score="kl_div_score", kl_div_with_ablation="kl_div_with_ablation",
+                                        kl_div_with_sae="kl_div_with_sae"),
+    "model_performance_preservation": dict(ce_loss_score="ce_loss_score", ce_loss_with_ablation="ce_loss_with_ablation",
+                                           ce_loss_with_sae="ce_loss_with_sae", ce_loss_without_sae="ce_loss_without_sae"),
+    "reconstruction_quality": dict(explained_variance="explained_variance_saebench_current",  # §1.5
+                                   explained_variance_legacy="explained_variance_legacy", mse="mse_saebench",
+                                   cossim="cossim"),
+    "shrinkage": dict(l2_norm_in="l2_norm_in", l2_norm_out="l2_norm_out", l2_ratio="l2_ratio",
+                      relative_reconstruction_bias="relative_reconstruction_bias"),
+    "sparsity": dict(l0="l0", l1="l1"),
+    "token_stats": dict(total_tokens_eval_reconstruction="ce_tokens", total_tokens_eval_sparsity_variance="tokens"),
+    "misc_metrics": dict(freq_over_1_percent="frac_dense_above_1pct", freq_over_10_percent="frac_dense_above_10pct",
+                         normalized_freq_over_1_percent=None, normalized_freq_over_10_percent=None,
+                         average_max_encoder_cosine_sim=None, average_max_decoder_cosine_sim=None,
+                         frac_alive="frac_alive"),
+}
+
+
+def _saebench_config(metric, s, model_name):
+    """eval_config under SAEBench's field names, from our settings s (absent settings left out)."""
+    def pick(**fields):
+        return {name: s[ours] if isinstance(ours, str) else ours(s) for name, ours in fields.items()
+                if not isinstance(ours, str) or ours in s}
+    common = dict(model_name=model_name, **pick(llm_dtype="llm_dtype"))
+    if metric == "core":
+        return {**common, "exclude_special_tokens_from_reconstruction": True, "compute_kl": True,
+                "compute_ce_loss": True, "compute_l2_norms": True, "compute_sparsity_metrics": True,
+                "compute_variance_metrics": True, **pick(batch_size_prompts="core_batch_rows",
+                                                         dataset="core_dataset", context_size="core_ctx")}
+    if metric == "absorption":
+        return {**common, **pick(random_seed="eval_seed", f1_jump_threshold="absorption_f1_jump",
+                                 max_k_value="absorption_max_k", min_GT_probe_f1="absorption_probe_f1_gate"),
+                "prompt_template": "{word}" + _PROMPT_SUFFIX}
+    tasks = "scr_runs" if metric == "scr" else "tpp_tasks" if metric == "tpp" else "probing_tasks"
+    config = {**common, **pick(random_seed="eval_seed", context_length="probing_ctx",
+                               dataset_names=lambda s: [t[0] for t in s.get(tasks, [])])}
+    if metric == "sparse_probing":
+        return {**config, **pick(k_values="probing_ks")}
+    return {**config, "perform_scr": metric == "scr", **pick(n_values="ablation_ns")}
+
+
+def _saebench_metrics(metric, r):
+    """(eval_result_metrics, eval_result_details, {slot: why it is NaN}, our keys used) of one
+    metric entry r. A required slot without a number is NaN, as SAEBench itself writes one."""
+    used, nan = set(), {}
+
+    def take(key, slot, required=False):
+        value = r.get(key) if key else None
+        if key in r:
+            used.add(key)
+        if value is None and required:
+            nan[slot] = (r.get("null_reasons", {}).get(key, f"null in eval.json ({key})") if key in r
+                         else "not computed by evaluate.py")
+            return float("nan")
+        return value
+
+    details = []
+    if metric == "core":
+        metrics = {cat: {slot: take(key, slot, required=True) for slot, key in slots.items()}
+                   for cat, slots in _SAEBENCH_CORE.items()}
+        density = np.asarray(r.get("latent_density") or [], dtype=np.float64)
+        if density.sum() > 0:  # SAEBench: the density share of latents denser than 1% / 10%
+            for pct in (1, 10):
+                metrics["misc_metrics"][f"normalized_freq_over_{pct}_percent"] = float(
+                    density[density > pct / 100].sum() / density.sum())
+                nan.pop(f"normalized_freq_over_{pct}_percent")
+        metrics["token_stats"] = {slot: None if take(key, slot) is None else int(r[key])  # ints in SAEBench
+                                  for slot, key in _SAEBENCH_CORE["token_stats"].items()}
+    elif metric == "absorption":
+        per_letter = r.get("per_letter", {})
+        kept = [c for c in r.get("letters_kept", []) if per_letter.get(c, {}).get("n_tp")]
+        rows = {c: dict(first_letter=c, mean_absorption_fraction=per_letter[c]["fraction_sum"] / per_letter[c]["n_tp"],
+                        full_absorption_rate=per_letter[c]["n_full"] / per_letter[c]["n_tp"],
+                        num_full_absorption=per_letter[c]["n_full"], num_probe_true_positives=per_letter[c]["n_tp"],
+                        num_split_features=per_letter[c]["n_main"]) for c in kept}
+        details = list(rows.values())
+        mean = {slot: take(slot, slot, required=True) for slot in
+                ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")}
+        for slot, field in (("std_dev_absorption_fraction_score", "mean_absorption_fraction"),
+                            ("std_dev_full_absorption_score", "full_absorption_rate"),
+                            ("std_dev_num_split_features", "num_split_features")):
+            values = [row[field] for row in details]  # SAEBench: statistics.stdev over kept letters
+            mean[slot] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+            if len(values) < 2:
+                nan[slot] = f"{len(values)} letter(s) pass the probe-F1 gate: no standard deviation"
+        metrics = {"mean": mean}
+    elif metric == "sparse_probing":
+        names = ["test_accuracy"] + [f"top_{k}_test_accuracy" for k in _SAEBENCH_KS]
+        metrics = {side: {f"{side}_{n}": take(f"{side}_{n}", f"{side}_{n}", required=(side, n) == ("llm", "test_accuracy"))
+                          for n in names} for side in ("llm", "sae")}
+        details = [dict(dataset_name=task, **{f"{side}_{n}": t.get(f"{side}_{n}") for side in ("llm", "sae") for n in names})
+                   for task, t in r.get("per_task", {}).items()]
+        for d in details:  # the one detail SAEBench requires
+            if d["llm_test_accuracy"] is None:
+                d["llm_test_accuracy"] = float("nan")
+                nan[f"{d['dataset_name']}: llm_test_accuracy"] = "null in eval.json (llm_test_accuracy)"
+    elif metric == "scr":
+        per_run = r.get("per_run", {})
+        def mean_over_runs(n, field):
+            values = [v[str(n)][field] for v in per_run.values() if str(n) in v and v[str(n)][field] is not None]
+            return float(np.mean(values)) if values else None
+        scr = {}
+        for n in _SAEBENCH_NS:
+            scr[f"scr_dir1_threshold_{n}"] = mean_over_runs(n, "dir1")
+            scr[f"scr_metric_threshold_{n}"] = take(f"scr_metric_n{n}", None)
+            scr[f"scr_dir2_threshold_{n}"] = mean_over_runs(n, "dir2")
+        metrics = {"scr_metrics": scr}
+        details = [dict(dataset_name=name, **{f"scr_{slot}_threshold_{n}": v[str(n)][field]
+                                              for n in _SAEBENCH_NS if str(n) in v
+                                              for slot, field in (("dir1", "dir1"), ("metric", "scr"), ("dir2", "dir2"))})
+                   for name, v in per_run.items()]
+    else:  # tpp
+        slots = (("total_metric", "tpp"), ("intended_diff_only", "intended"), ("unintended_diff_only", "unintended"))
+        metrics = {"tpp_metrics": {f"tpp_threshold_{n}_{slot}": take(f"{field}_n{n}", None)
+                                   for n in _SAEBENCH_NS for slot, field in slots}}
+        details = [dict(dataset_name=name, **{f"tpp_threshold_{n}_{slot}": v[str(n)][field]
+                                              for n in _SAEBENCH_NS if str(n) in v for slot, field in slots})
+                   for name, v in r.get("per_task", {}).items()]
+    return metrics, details, nan, used
+
+
+def saebench_files(result, sae_dir, metrics=None):
+    """{file name: SAEBench output dict} for the metrics of one SAE's eval.json `result` (all the
+    SAEBench types it holds, or those named in `metrics`). SAEBench names an SAE by a release and
+    an id: here the run folder's and the SAE folder's names. Values are plain JSON, with NaN only
+    in a slot SAEBench requires and we have no number for (listed under
+    eval_result_unstructured["nan_in_saebench_slots"])."""
+    sae_cfg = result.get("sae_cfg", {})
+    model_name = sae_cfg.get("model_name") or sae_cfg.get("model") or ""
+    cfg_dict = {**sae_cfg, "architecture": sae_cfg.get("arch"), "model_name": model_name,
+                "hook_name": sae_cfg.get("hook", f"blocks.{sae_cfg.get('layer')}.hook_resid_post")}
+    folder = os.path.abspath(sae_dir)
+    files = {}
+    for metric in metrics or _SAEBENCH_TYPES:
+        r = result.get(metric)
+        if metric not in _SAEBENCH_TYPES or not isinstance(r, dict):
+            continue
+        structured, details, nan, used = _saebench_metrics(metric, r)
+        unstructured = {key: value for key, value in r.items() if key not in used}
+        if nan:
+            unstructured["nan_in_saebench_slots"] = nan
+        unstructured["evaluate_settings"] = result.get("settings", {})
+        files[f"{metric}.json"] = dict(
+            eval_type_id=_SAEBENCH_TYPES[metric],
+            eval_config=_saebench_config(metric, result.get("settings", {}), model_name),
+            eval_id=str(uuid.uuid4()), datetime_epoch_millis=int(time.time() * 1000),
+            eval_result_metrics=structured, eval_result_details=details,
+            sae_bench_commit_hash=f"none: evaluate.py's reimplementation of sae-bench {_SAEBENCH_VERSION}",
+            sae_lens_id=os.path.basename(folder), sae_lens_release_id=os.path.basename(os.path.dirname(folder)),
+            sae_lens_version=None, sae_cfg_dict=cfg_dict, eval_result_unstructured=unstructured)
+    return files
+
+
+def write_saebench_files(result, sae_dir, out_dir="", metrics=None):
+    """Write saebench_files: beside eval.json as <sae>/saebench/<metric>.json (out_dir ""), or
+    in SAEBench's own layout, out_dir/<eval_type_id>/<release>_<id>_eval_results.json, the
+    folder its graphing code (sae_bench_utils/graphing_utils.py) reads. Returns the paths."""
+    paths = []
+    for name, doc in saebench_files(result, sae_dir, metrics).items():
+        path = (os.path.join(out_dir, doc["eval_type_id"],
+                             f"{doc['sae_lens_release_id']}_{doc['sae_lens_id']}_eval_results.json")
+                if out_dir else os.path.join(sae_dir, "saebench", name))
+        _write_atomic(path, json.dumps(doc, indent=1))
+        paths.append(path)
+    return paths
+
+
+# -----------------------------------------------------------------------------
 # main: find SAEs, group them by (model, layer), run the metrics, write eval.json and tables
 
 _RUNNERS = {"core": run_core, "absorption": run_absorption, "sparse_probing": run_sparse_probing,
@@ -1974,6 +2161,7 @@ def evaluate_group(cfg, model_dir, layer, tokens_dir, sae_dirs, device):
             # eval.json stays JSON: null + a reason, never NaN
             results[d] = save_metric(d, name, json_ready(r)[0], records[d][name], sae=d, model_dir=model_dir,
                                      layer=layer, sae_cfg=sae.cfg, settings=configurator.defaults(vars(cfg)))
+            write_saebench_files(results[d], d, cfg.saebench_json_dir, [name])  # the same numbers, SAEBench's schema
         print(f"--- {name}: {time.time() - t0:.0f} s")
     return results
 

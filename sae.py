@@ -21,6 +21,8 @@ import itertools
 import json
 import math
 import os
+import shutil
+import tempfile
 import warnings
 
 import torch
@@ -595,11 +597,113 @@ def export_saelens(sae, folder):
     tensors = _tensors(sae)
     tensors["threshold"] = (torch.zeros(sae.cfg["d_sae"]) if arch == "relu" else
                             tensors["threshold"].expand(sae.cfg["d_sae"]).contiguous())
-    metadata = dict(model_name=sae.cfg.get("model"), hook_name=f"blocks.{sae.cfg['layer']}.hook_resid_post",
-                    hook_head_index=None, prepend_bos=True)
+    # model_name: the hub id train.py recorded (prepare.py's source.json); the local folder the
+    # model was loaded from stays beside it as model_path (SAELens' metadata takes any key)
+    metadata = dict(model_name=sae.cfg.get("model_name") or sae.cfg.get("model"),
+                    hook_name=f"blocks.{sae.cfg['layer']}.hook_resid_post", hook_head_index=None,
+                    prepend_bos=True, model_path=sae.cfg.get("model"))
     cfg = dict(architecture="jumprelu", d_in=sae.cfg["d_in"], d_sae=sae.cfg["d_sae"], dtype="float32",
                device="cpu", apply_b_dec_to_input=arch != "relu", normalize_activations="none",
                reshape_activations="none", activation_fn="relu", **metadata, metadata=metadata)
     os.makedirs(folder, exist_ok=True)
     _write_atomic(os.path.join(folder, "sae_weights.safetensors"), safetensors.torch.save(tensors))
     _write_atomic(os.path.join(folder, "cfg.json"), json.dumps(cfg, indent=2).encode())
+
+
+def model_card(cfg, result=None):
+    """README.md for a published SAE: what it was trained on and how, and its headline numbers
+    from evaluate.py's eval.json (`result`), each with its interval where eval.json holds one
+    (a metric's "uncertainty": {key: {"interval": [low, high]}})."""
+    import evaluate  # lazily: evaluate imports this module
+    name = cfg.get("model_name") or cfg.get("model")
+    p = cfg.get("mask_prob")
+    arm = "not recorded" if p is None else "baseline (mask_prob 0)" if p == 0 else f"masked (mask_prob {p})"
+    hook = cfg.get("hook", f"blocks.{cfg.get('layer')}.hook_resid_post")
+    lines = ["---", "library_name: saelens", "tags: [sparse-autoencoder, masked-regularization]", "---", "",
+             f"# {cfg['arch']} SAE, {cfg['d_sae']} latents, on {name} layer {cfg.get('layer')}", "",
+             "From a masked-regularization SAE experiment (arXiv 2604.06495): the masked arm replaces "
+             "input tokens by a mask token at random (probability mask_prob) while harvesting the "
+             "training activations; the baseline arm does not. The SAE encodes raw residual activations.", "",
+             "| | |", "|---|---|",
+             f"| model | {name} (loaded from `{cfg.get('model')}`) |",
+             f"| hook | `{hook}` |",
+             f"| arm | {arm} |",
+             f"| architecture | {cfg['arch']}, k = {cfg.get('k')}, d_in = {cfg['d_in']}, d_sae = {cfg['d_sae']} |",
+             f"| training tokens | {cfg.get('training_tokens')} |",
+             f"| seed | {cfg.get('seed')} |", ""]
+    rows = evaluate.headline(result) if result else []
+    if rows:
+        lines += ["| metric | value |", "|---|---:|"]
+        present = [(m, k) for _, m, k, _ in evaluate._HEADLINE if isinstance(result.get(m), dict) and k in result[m]]
+        for (label, value), (metric, key) in zip(rows, present):  # headline() keeps _HEADLINE's order
+            interval = (result[metric].get("uncertainty") or {}).get(key, {}).get("interval")
+            shown = "—" if value is None else f"{value:.4f}"
+            if value is not None and interval and None not in interval:
+                shown += f" [{interval[0]:.4f}, {interval[1]:.4f}]"
+            lines.append(f"| {label} | {shown} |")
+        lines.append("")
+    else:
+        lines += ["Not evaluated yet (no eval.json).", ""]
+    lines += ["## Files", "",
+              "- `sae.safetensors`, `cfg.json`: this project's format, `sae.load(folder)`.",
+              "- `saelens/`: the same SAE as SAELens' JumpReLU (`sae.export_saelens`), where the "
+              "architecture has one (TopK does not).",
+              "- `eval.json`, `saebench/`: every number evaluate.py computed, and the same numbers "
+              "in SAEBench's result schema.", ""]
+    return "\n".join(lines)
+
+
+def push_to_hub(folder, repo_id, dry_run_dir=None, token=None, private=False):
+    """Publish the SAE train.py saved in `folder` as the Hub model repo `repo_id` ("user/name")
+    with huggingface_hub's upload_folder: our sae.safetensors + cfg.json, eval.json and the
+    saebench/ files when evaluate.py has run, the SAELens export in saelens/, and a generated
+    README.md (model_card). dry_run_dir: only write that folder, upload nothing. token: else
+    HF_TOKEN or a saved `hf auth login`. Returns the folder written or the commit's URL."""
+    sae = load(folder)
+    result = model_lib.read_json_object(os.path.join(folder, "eval.json")) if os.path.isfile(
+        os.path.join(folder, "eval.json")) else None
+    if dry_run_dir and os.path.isdir(dry_run_dir) and os.listdir(dry_run_dir):
+        raise FileExistsError(f"push_to_hub: dry_run_dir {dry_run_dir} is not empty; pass a new folder")
+    staging = dry_run_dir or tempfile.mkdtemp(prefix="sae-hub-")
+    os.makedirs(staging, exist_ok=True)
+    try:
+        for name in ("sae.safetensors", "cfg.json", "eval.json"):
+            if os.path.isfile(os.path.join(folder, name)):
+                shutil.copyfile(os.path.join(folder, name), os.path.join(staging, name))
+        if os.path.isdir(os.path.join(folder, "saebench")):
+            shutil.copytree(os.path.join(folder, "saebench"), os.path.join(staging, "saebench"), dirs_exist_ok=True)
+        if sae.cfg["arch"] != "topk":  # TopK has no JumpReLU form (export_saelens)
+            export_saelens(sae, os.path.join(staging, "saelens"))
+        _write_atomic(os.path.join(staging, "README.md"), model_card(sae.cfg, result).encode())
+        if dry_run_dir:
+            return dry_run_dir
+        return _upload(staging, repo_id, token, private)
+    finally:
+        if not dry_run_dir:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _upload(staging, repo_id, token, private):
+    """upload_folder with one-line errors for the two usual failures: no token, no network."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+    endpoint = constants.ENDPOINT  # HF_ENDPOINT, else https://huggingface.co
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise RuntimeError("push_to_hub: no Hugging Face token: pass token=..., set HF_TOKEN or run "
+                           "`hf auth login` (dry_run_dir=... writes the folder without one)")
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=staging, repo_id=repo_id,
+                                 commit_message="Upload SAE (masked-regularization SAEs, sae.push_to_hub)")
+    except HfHubHTTPError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(f"push_to_hub: {endpoint} refused {repo_id!r}: {first}") from None
+    except Exception as e:  # the HTTP client's transport errors, whichever client huggingface_hub uses
+        if not any(c.__name__ in ("TransportError", "ConnectionError") for c in type(e).__mro__):
+            raise
+        raise RuntimeError(f"push_to_hub: cannot reach {endpoint} ({type(e).__name__}: {e}); check the "
+                           "network, or pass dry_run_dir=... to write the folder only") from None
+    return info.commit_url

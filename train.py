@@ -694,7 +694,8 @@ def train(cfg, device, rank, world, log, on_exit):
     # --- SAEs: one per k (or per L1 coefficient), same data
     sweep = cfg.l1_coefficients if cfg.arch == "relu" else cfg.ks
     names = [f"l1_{v:g}" if cfg.arch == "relu" else f"k{v}" for v in sweep]
-    meta_cfg = dict(model=cfg.model_dir, tokens_dir=cfg.tokens_dir, layer=cfg.layer, hook=f"blocks.{cfg.layer}.hook_resid_post",
+    meta_cfg = dict(model=cfg.model_dir, model_name=prepare.read_model_source(cfg.model_dir).get("model_name"),
+                    tokens_dir=cfg.tokens_dir, layer=cfg.layer, hook=f"blocks.{cfg.layer}.hook_resid_post",
                     mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, data_seed=cfg.data_seed,
                     train_on_masked=cfg.train_on_masked, training_tokens=cfg.total_tokens)
     saes = []

@@ -54,6 +54,8 @@ out_dir = "out/gemma3"
 mask_prob = 0.3                    # probability of replacing an eligible input token
 mask_token = "<mask>"              # must be exactly one token id, never BOS/EOS/pad
 train_on_masked = True             # keep masked positions in the SAE data (False: an ablation)
+mask_replacement = "token"         # "token": mask_token (the paper); "unigram": a token drawn from
+                                   # train.bin's unigram distribution (a control: README, the experiment)
 # harvesting
 ctx_len = 128                      # tokens per LLM row, BOS first (paper: 1024)
 llm_batch_rows = 32                # rows per LLM forward pass
@@ -113,11 +115,24 @@ _DIVERGED_EV = -100.0
 # -----------------------------------------------------------------------------
 # harvesting: token rows -> masked rows -> residual activations
 
-def mask_tokens(rows, eligible, prob, mask_id, generator):
-    """The paper's corruption: i.i.d. Bernoulli(prob) per eligible position (arXiv 2604.06495)."""
+def mask_tokens(rows, eligible, prob, mask_id, generator, unigram_cdf=None):
+    """The paper's corruption: i.i.d. Bernoulli(prob) per eligible position (arXiv 2604.06495),
+    replaced by mask_id, or with unigram_cdf by a token drawn from the text's unigram distribution.
+    The positions are drawn first, so both replacements corrupt the same positions for one seed."""
     draws = torch.rand(rows.shape, generator=generator).to(rows.device)
     masked = (draws < prob) & eligible
-    return torch.where(masked, mask_id, rows), masked
+    if unigram_cdf is None:
+        return torch.where(masked, mask_id, rows), masked
+    u = torch.rand(rows.shape, generator=generator, dtype=torch.float64)
+    drawn = torch.searchsorted(unigram_cdf, u).clamp(max=len(unigram_cdf) - 1).to(rows.device)
+    return torch.where(masked, drawn, rows), masked
+
+
+def unigram_cdf(tokens, vocab_size, special_ids):
+    """The cumulative unigram distribution of a token file over ordinary ids (specials never drawn)."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size)[:vocab_size].astype(np.float64)
+    counts[list(special_ids)] = 0
+    return torch.from_numpy(np.cumsum(counts) / counts.sum())
 
 
 def mask_generator(data_seed, rank, batch_index):
@@ -137,6 +152,8 @@ class Harvester:
         self.cache = cache              # this rank's chunk folder (open_cache), or None
         tokens, _ = prepare.open_tokens(cfg.tokens_dir, "train")
         self.n_rows = len(tokens) // (cfg.ctx_len - 1)
+        self.unigram_cdf = (unigram_cdf(tokens, m.cfg.vocab_size, m.special_ids)
+                            if cfg.mask_replacement == "unigram" else None)
         if self.n_rows < world * cfg.llm_batch_rows:
             raise ValueError(f"{cfg.tokens_dir}/train.bin has {len(tokens)} tokens: too few for "
                              f"{world} x {cfg.llm_batch_rows} rows of {cfg.ctx_len}")
@@ -167,7 +184,7 @@ class Harvester:
         rows = self.read_rows()
         valid = self.m.valid_mask(rows)  # BOS/EOS/pad are never masked and never trained on
         generator = mask_generator(self.cfg.data_seed, self.rank, self.batches_done)
-        inputs, masked = mask_tokens(rows, valid, self.cfg.mask_prob, self.mask_id, generator)
+        inputs, masked = mask_tokens(rows, valid, self.cfg.mask_prob, self.mask_id, generator, self.unigram_cdf)
         return self.m.resid_post(inputs, self.cfg.layer)[valid], masked[valid]
 
     def next_acts(self):
@@ -259,7 +276,8 @@ def cache_key(cfg, m, mask_id, world, known=None):
     return dict(model_files=[file_identity(f, recorded.get(os.path.realpath(f))) for f in files],
                 tokens=file_identity(os.path.join(cfg.tokens_dir, "train.bin"), known.get("tokens")),
                 layer=cfg.layer, ctx_len=cfg.ctx_len, llm_batch_rows=cfg.llm_batch_rows,
-                mask_prob=cfg.mask_prob, mask_token_id=mask_id, data_seed=cfg.data_seed,
+                mask_prob=cfg.mask_prob, mask_token_id=mask_id, mask_replacement=cfg.mask_replacement,
+                data_seed=cfg.data_seed,
                 llm_dtype=cfg.llm_dtype, world=world, d_model=m.cfg.d_model)
 
 
@@ -555,6 +573,8 @@ def validate(cfg):
     problems = []
     if not 0.0 <= cfg.mask_prob < 1.0:
         problems.append(f"mask_prob must be in [0, 1), got {cfg.mask_prob}")
+    if cfg.mask_replacement not in ("token", "unigram"):
+        problems.append(f"mask_replacement must be token or unigram, got {cfg.mask_replacement!r}")
     if cfg.arch not in sae_lib.ARCHS:
         problems.append(f"arch must be one of {sae_lib.ARCHS}, got {cfg.arch!r}")
     if cfg.compile not in ("auto", "on", "off"):
@@ -696,7 +716,8 @@ def train(cfg, device, rank, world, log, on_exit):
     names = [f"l1_{v:g}" if cfg.arch == "relu" else f"k{v}" for v in sweep]
     meta_cfg = dict(model=cfg.model_dir, model_name=prepare.read_model_source(cfg.model_dir).get("model_name"),
                     tokens_dir=cfg.tokens_dir, layer=cfg.layer, hook=f"blocks.{cfg.layer}.hook_resid_post",
-                    mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, data_seed=cfg.data_seed,
+                    mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, mask_replacement=cfg.mask_replacement,
+                    data_seed=cfg.data_seed,
                     train_on_masked=cfg.train_on_masked, training_tokens=cfg.total_tokens)
     saes = []
     for v in sweep:

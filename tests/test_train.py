@@ -14,6 +14,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -59,6 +60,22 @@ def test_mask_fraction_matches_mask_prob_and_never_touches_special_tokens():
     assert not masked[~eligible].any()
     assert torch.equal(masked_rows[~masked], rows[~masked])
     assert (masked_rows[masked] == 1).all()
+
+
+def test_unigram_replacement_corrupts_the_same_positions_with_tokens_drawn_by_frequency():
+    # the control arm: the positions are the mask-token arm's, the replacements follow the text's
+    # unigram distribution (here ids 5 and 7 in the ratio 3:1; the special id 0 is never drawn)
+    tokens = np.array([5] * 3000 + [7] * 1000 + [0] * 500)
+    cdf = train.unigram_cdf(tokens, vocab_size=10, special_ids={0})
+    rows = torch.randint(2, 1000, (64, 512))
+    eligible = torch.ones_like(rows, dtype=torch.bool)
+    _, by_token = train.mask_tokens(rows, eligible, 0.3, 1, train.mask_generator(0, 0, 0))
+    replaced, by_unigram = train.mask_tokens(rows, eligible, 0.3, 1, train.mask_generator(0, 0, 0), cdf)
+    assert torch.equal(by_token, by_unigram)
+    drawn = replaced[by_unigram]
+    assert set(drawn.unique().tolist()) == {5, 7}
+    assert abs((drawn == 5).float().mean().item() - 0.75) < 0.01
+    assert torch.equal(replaced[~by_unigram], rows[~by_unigram])
 
 
 def test_mask_rng_depends_on_data_seed_rank_and_batch_only():

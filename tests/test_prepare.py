@@ -247,7 +247,7 @@ def test_a_failed_rebuild_leaves_the_previous_tokens_complete(tmp_path, tokenize
     monkeypatch.setattr(huggingface_hub, "list_repo_files", no_such_repo)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("")
-    for dataset, error, message in [(tmp_path / "docs.jsnol", FileNotFoundError, "neither a local path nor a repo"),
+    for dataset, error, message in [(tmp_path / "docs.jsnol", FileNotFoundError, "no such file or folder"),
                                     (tmp_path / "empty", ValueError, "got no document")]:
         with pytest.raises(error, match=message):
             run(model_dir, dataset, tokens, "--val_fraction=0.25")

@@ -53,7 +53,7 @@ PRIMARY = [("absorption", "mean_full_absorption_score", 20, (-0.0375, -0.0235)),
            ("absorption", "mean_full_absorption_score", 80, (-0.0375, -0.0235)),
            ("ood", "gap_k128", 20, (-0.024, 0.0)),
            ("ood", "gap_k128", 80, (-0.024, 0.0))]
-_UNRELIABLE_WHY = ("an audit of SAE benchmarks (arXiv 2605.18229, 2026) finds TPP worsens the longer an SAE "
+_UNRELIABLE_WHY = ("An audit of SAE benchmarks (arXiv 2605.18229, 2026) finds TPP worsens the longer an SAE "
                    "trains and SCR anti-correlates with ground truth, so neither enters a verdict")
 _PAIR_KEYS = {"seed", "k", "l1_coefficient", "scale", "data_seed", "threshold_used", "calibration_l0",
               "threshold_ema", "threshold_calibrated", "calibration_tokens"}  # vary inside one arm
@@ -156,8 +156,8 @@ def run_table(run, results):
     return f"### {run}\n\n" + "\n".join(lines)
 
 
-def _fmt(value, sign=""):
-    return "—" if not _finite(value) else f"{value:{sign}.4f}"
+def _fmt(value):
+    return "—" if not _finite(value) else f"{value:.4f}"
 
 
 def read_runs(runs):
@@ -498,8 +498,12 @@ def _endpoint(arms, other, metric, key, k, level):
                 reasons += [] if why in reasons else [why]
     framing = ("calibrated L0" if chosen and all(_calibrated(r) for r in chosen) else
                "nominal k, EMA threshold (the paper's framing)")
-    return dict(label=label, k=k, framing=framing, reasons=reasons,
-                comparison=paired(_per_seed(base, pick, label), _per_seed(arms[other], pick, label), level),
+    comparison = paired(_per_seed(base, pick, label), _per_seed(arms[other], pick, label), level)
+    if not reasons and comparison["delta"]["n"] == 0:
+        reasons.append(f"no value of {label_of(metric, key)} in the SAEs' eval.json (evaluate it)")
+    elif not reasons and comparison["delta"]["lo"] is None:
+        reasons.append("no interval: 1 seed and no bootstrap replicates in eval.json")
+    return dict(label=label, k=k, framing=framing, reasons=reasons, comparison=comparison,
                 l0=(_mean_l0(base, pick), _mean_l0(arms[other], pick)),
                 null=(_mean_null(base, pick, label), _mean_null(arms[other], pick, label)))
 
@@ -606,8 +610,8 @@ def caveats(arms):
         lines.append(f"- Not evaluated (no row, no panel): {', '.join(absent)}.")
     seeds = [set(a) for a in arms.values()]
     if len(set.intersection(*seeds)) < 2:
-        lines.append("- Fewer than 2 seeds shared by the arms: the seeds' spread is unknown, so every interval "
-                     "is the evaluation sample's alone. Train more seeds (`--seed=1`, `--seed=2`, ...).")
+        lines.append("- Fewer than 2 seeds shared by the arms: the seeds' spread is unknown, so an interval, where "
+                     "there is one, is the evaluation sample's alone. Train more seeds (`--seed=1`, `--seed=2`, ...).")
     return "\n".join(lines)
 
 
@@ -657,6 +661,7 @@ def plot_comparison(arms, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("note: matplotlib is not installed, no plot written")
         return
@@ -685,7 +690,10 @@ def plot_comparison(arms, path):
                     ax.plot(*zip(*nulls), linestyle=":", marker="o", mfc="none", color=color, label=f"{arm}: null")
                 drawn = True
         if drawn:
-            ax.set_xscale("log")
+            ax.set_xscale("log")  # ticks at 1, 2, 5 x 10^n: labelled minor ticks overlap
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         else:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_title(label, fontsize=9)

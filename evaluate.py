@@ -84,7 +84,7 @@ metrics = ["core", "absorption", "sparse_probing", "scr", "tpp", "ood"]
 rerun = False                      # recompute metrics an eval.json already holds
 eval_data_dir = "data/eval"        # the sets prepare.py wrote (its eval_sets)
 cache_dir = "out/cache"            # LLM activations, shared by all SAEs on one model/layer
-comparison_file = "out/comparison.md"
+comparison_file = "out/comparison.md"  # compare.py's report of two or more arms, its PNG beside it
 saebench_json_dir = ""             # each metric in SAEBench's schema too: "" = <sae>/saebench/<metric>.json,
                                    # a folder = SAEBench's layout there (<type>/<run>_<sae>_eval_results.json)
 # system

@@ -411,17 +411,22 @@ def matched_l0_grid(arms, points=3, names=None):
 
 
 def _matched(arm, label, grid, names=None):
-    """{seed: [(value, replicates) at each grid L0]} of one arm: each replicate interpolated too."""
+    """{seed: [(value, replicates) at each grid L0]} of one arm, each replicate interpolated too.
+    interpolate_log_l0 is linear in the values, so its weights (the interpolation of unit vectors)
+    apply to the point values and to every replicate at once."""
     out = {}
     for seed, saes in arm.items():
         got = [(measurement(r, "L0")[0], *measurement(r, label)[:2]) for n, r in saes.items()
                if names is None or n in names]
-        l0 = [x for x, _, _ in got]
-        values = interpolate_log_l0(l0, [v for _, v, _ in got], grid)
+        used = [j for j, (x, v, _) in enumerate(got) if v is not None]
+        W = np.zeros((len(grid), len(got)))
+        for j in used:
+            W[:, j] = interpolate_log_l0([got[i][0] for i in used], [float(i == j) for i in used], grid)
+        values = W @ np.array([0.0 if v is None else v for _, v, _ in got])
         reps = [r for _, _, r in got]
         R = None
-        if all(r is not None for r in reps) and len({len(r) for r in reps}) == 1:
-            R = np.stack([interpolate_log_l0(l0, column, grid) for column in np.stack(reps).T], axis=1)
+        if all(reps[j] is not None for j in used) and len({len(reps[j]) for j in used}) == 1 and used:
+            R = W @ np.stack([reps[j] if j in used else np.zeros(len(reps[used[0]])) for j in range(len(got))])
         out[seed] = [(float(values[i]), None if R is None else R[i]) for i in range(len(grid))]
     return out
 
@@ -636,12 +641,14 @@ def comparison_report(arms, matched_points=3):
     if not differing:
         matched = "not needed: every SAE is at calibrated L0, so equal k is equal sparsity on clean text."
     else:
-        grid = matched_l0_grid(arms, matched_points, differing)
-        matched = "no data: no L0 range is covered by every arm's SAEs in every shared seed." if not grid else \
-            _table(arms, [(label, f"L0 = {l0:.1f}", [paired({s: v[i] for s, v in _matched(arms[base_name], label, grid, differing).items()},
-                                                           {s: v[i] for s, v in at.items()}) for at in
-                                                    [_matched(arms[o], label, grid, differing) for o in list(arms)[1:]]])
-                          for label in labels[1:] for i, l0 in enumerate(grid)], where="at")
+        grid, matched_rows = matched_l0_grid(arms, matched_points, differing), []
+        for label in labels[1:] if grid else []:
+            at = [_matched(arm, label, grid, differing) for arm in arms.values()]
+            matched_rows += [(label, f"L0 = {l0:.1f}", [paired({s: v[i] for s, v in at[0].items()},
+                                                               {s: v[i] for s, v in other.items()}) for other in at[1:]])
+                             for i, l0 in enumerate(grid)]
+        matched = (_table(arms, matched_rows, where="at") if grid else
+                   "no data: no L0 range is covered by every arm's SAEs in every shared seed.")
     return (f"# Baseline vs masked\n\n## Verdicts on the primary endpoints\n\nFixed in advance: Mean full "
             "absorption and the OOD gap to oracle (k=128), each at L0 20 and 80, Holm's correction over the four; "
             "every other number is secondary.\n\n" + "\n".join(lines) + "\n\n"

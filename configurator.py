@@ -31,7 +31,7 @@ import tokenize
 from types import SimpleNamespace
 
 _PLAIN_TYPES = (bool, int, float, str, list, tuple, type(None))
-_STAGES = ("prepare.py", "train.py", "evaluate.py")  # the scripts that read configs/*.py
+_STAGES = ("prepare.py", "train.py", "evaluate.py", "compare.py")  # the scripts that read configs/*.py
 
 
 class ConfigError(ValueError):

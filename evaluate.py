@@ -25,12 +25,11 @@ Outputs: <sae>/eval.json (every number, the settings that produced it, and what 
 number that could not be computed is null, with its reason under "null_reasons"; under
 "computed_from", per metric, the SAE file's sha256, the model, the data and the settings it was
 computed from: a metric is reused only while they all match, else recomputed with a one-line
-reason; a run still training is refused), a table per run on stdout, and with two or more arms `comparison_file` plus a grid PNG of each metric
-against L0 next to it (when matplotlib is installed). Runs are grouped into arms by their SAE cfgs
-(mask_prob, and any other setting they differ in besides seed and k) and paired by (seed, SAE);
-the first run's arm is the baseline. The Markdown gives each arm's mean over seeds with a 95%
-interval, the paired Δ with its interval and p-value, n, the same at matched L0, and what the
-numbers rest on. Several seeds of both arms:
+reason; a run still training is refused), and then compare.py's report: a table per run on
+stdout and, with two or more arms, `comparison_file` (verdicts on the primary endpoints, each arm's
+value with its null, paired Δ, intervals holding both the seeds and the evaluation sample) and a
+PNG beside it (when matplotlib is installed). `python compare.py RUN...` redoes that report from
+the eval.json files in seconds. Several seeds of both arms:
   for s in 0 1 2; do for p in 0.0 0.3; do
     python train.py --seed=$s --mask_prob=$p --out_dir=out/tiny_p${p}_s$s
   done; done
@@ -53,10 +52,8 @@ shift. configs/saebench.py names SAEBench's hub datasets and SAE-Probes' OOD pai
 import contextlib
 import copy
 import fcntl
-import functools
 import glob
 import hashlib
-import io
 import json
 import math
 import os
@@ -71,10 +68,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
+import compare
 import configurator
 import model as model_lib
 import prepare
 import sae as sae_lib
+from compare import _ABLATION_LABELS, _write_atomic  # shared with the report stage, which never imports torch
 
 # -----------------------------------------------------------------------------
 # what to evaluate ("" / -1: read from each SAE's cfg.json)
@@ -85,7 +84,7 @@ metrics = ["core", "absorption", "sparse_probing", "scr", "tpp", "ood"]
 rerun = False                      # recompute metrics an eval.json already holds
 eval_data_dir = "data/eval"        # the sets prepare.py wrote (its eval_sets)
 cache_dir = "out/cache"            # LLM activations, shared by all SAEs on one model/layer
-comparison_file = "out/comparison.md"
+comparison_file = "out/comparison.md"  # compare.py's report of two or more arms, its PNG beside it
 saebench_json_dir = ""             # each metric in SAEBench's schema too: "" = <sae>/saebench/<metric>.json,
                                    # a folder = SAEBench's layout there (<type>/<run>_<sae>_eval_results.json)
 # system
@@ -177,23 +176,6 @@ def json_ready(value):
     if reasons:
         out["null_reasons"] = reasons
     return out, False
-
-
-def _write_atomic(path, data):
-    """Write to a temporary file, fsync, rename: a crash never leaves half a file. The temporary
-    name carries the pid because evaluate.py processes share cache_dir and may write one entry."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data if isinstance(data, bytes) else data.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk: name the file, and free what the partial one took
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def bootstrap(statistic, sizes, n_boot=1000, seed=0):
@@ -1082,10 +1064,6 @@ def _ablation_latents(cfg, sae, latents, counts):
     return latents
 
 
-_ABLATION_LABELS = {"valid": "ablated at valid positions only (definition)",
-                    "saebench": "SAEBench's figure: zeroed BOS/pad rows encoded and ablated too"}
-
-
 def train_scr_probe(x_train, y_train, x_test, y_test, batch_size=16, seed=0):
     """§4: Linear(d, 1), AdamW lr 1e-3, BCE + 1e-3·Σ|w|, 20 epochs, best test epoch (optimistic,
     as SAEBench). Returns (w, b)."""
@@ -1384,411 +1362,6 @@ def run_ood(llm, saes, cfg):
         r["per_task"] = tasks
         results.append(r)
     return results
-
-
-# -----------------------------------------------------------------------------
-# Reports: per-run tables, the baseline-vs-masked comparison over seeds, plots
-
-_HEADLINE = [  # (label, metric, key, ↑ better / ↓)
-    ("L0", "core", "l0", ""),
-    ("EV (global)", "core", "explained_variance", "↑"),
-    ("EV (SAEBench legacy)", "core", "explained_variance_legacy", "↑"),
-    ("CE loss recovered", "core", "ce_loss_score", "↑"),
-    ("ΔLM loss", "core", "delta_lm_loss", "↓"),
-    ("Mean full absorption", "absorption", "mean_full_absorption_score", "↓"),
-    ("1 − full absorption", "absorption", "one_minus_mean_full_absorption", "↑"),
-    ("Absorption fraction", "absorption", "mean_absorption_fraction_score", "↓"),
-    ("Sparse probing top-1", "sparse_probing", "sae_top_1_test_accuracy", "↑"),
-    ("Sparse probing top-5", "sparse_probing", "sae_top_5_test_accuracy", "↑"),
-    ("SCR (N={n}{how})", "scr", "scr_metric", "↑"),
-    ("TPP (N={n}{how})", "tpp", "tpp_metric", "↑"),
-    ("OOD SAE AUC (k=128)", "ood", "sae_auc_k128", "↑"),
-    ("OOD gap to oracle (k=128)", "ood", "gap_k128", "↓"),
-]
-_PAIR_KEYS = {"seed", "k", "l1_coefficient", "scale", "data_seed"}  # SAE cfg keys that vary inside one arm
-_EXACT_MAX_PAIRS = 16              # sign-flip test: all 2^n patterns up to here, else random ones
-_RANDOM_FLIPS = 2 ** 16
-_METHOD = (  # the README says the same
-    "Each arm's number is its mean over training seeds with a 95% Student-t interval, and each Δ "
-    "(masked − baseline) is the mean of differences between SAEs paired by seed and k, with a 95% t "
-    "interval and a two-sided sign-flip permutation p-value (exact over all 2^n sign patterns, so 2 "
-    "seeds can never give p < 0.5); n counts seeds, and the 'all k' row first averages each seed's "
-    "differences over k, since one seed's SAEs share their data, masks and initialisation. "
-    "Matched-L0 rows interpolate each run's metric linearly in log(L0), with L0 measured on clean "
-    "text at inference, and compare the arms in the same paired way only inside the L0 range that "
-    "every arm covers in every seed (no extrapolation).")
-
-
-def headline(result):
-    """(label, value) of the headline metrics an eval.json holds; value None where the metric
-    could not be computed (null in eval.json, its reason under "null_reasons"). SCR/TPP labels
-    carry their N, and say so when the ablation reproduced SAEBench's figure, not the definition."""
-    rows = []
-    for label, metric, key, arrow in _HEADLINE:
-        r = result.get(metric)
-        if not isinstance(r, dict) or key not in r:
-            continue
-        n = r.get("headline_n", result.get("settings", {}).get("headline_n"))
-        how = ", SAEBench ablation" if r.get("ablation_positions") == _ABLATION_LABELS["saebench"] else ""
-        rows.append((f"{label.format(n=n, how=how)} {arrow}".strip(), r[key]))
-    return rows
-
-
-def headline_labels(results):
-    """The headline labels present in any of these eval.json dicts, in _HEADLINE order."""
-    return list(dict.fromkeys(label for r in results for label, _ in headline(r)))
-
-
-def _fmt(value):
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-
-
-def run_table(run, results):
-    """A Markdown table: one row per SAE, the headline metrics as columns."""
-    labels = headline_labels(results.values())
-    lines = [f"| SAE | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
-    for name, r in results.items():
-        values = dict(headline(r))
-        lines.append(f"| {name} | " + " | ".join(_fmt(values.get(label)) for label in labels) + " |")
-    return f"### {run}\n\n" + "\n".join(lines)
-
-
-def _value(result, label):
-    return dict(headline(result)).get(label) if result else None
-
-
-def _finite(value):
-    return value is not None and bool(np.isfinite(value))
-
-
-def _labels_with_data(arms):
-    """The headline labels some SAE of some arm has a finite value of."""
-    results = _arm_results(arms)
-    return [label for label in headline_labels(results) if any(_finite(_value(r, label)) for r in results)]
-
-
-def _arm_results(arms):
-    return [r for arm in arms.values() for saes in arm.values() for r in saes.values()]
-
-
-@functools.lru_cache
-def t_quantile(df, level=0.95):
-    """The two-sided Student-t quantile: P(|T| ≤ q) = level for integer df ≥ 1, by bisection on
-    the closed-form CDF of Abramowitz & Stegun 26.7.3-4 (numpy has no t distribution)."""
-    def central(t):
-        theta = math.atan(t / math.sqrt(df))
-        s, c = math.sin(theta), math.cos(theta)
-        term, total = 1.0, 1.0
-        if df % 2:  # odd: (2/π)(θ + sin θ cos θ (1 + 2/3 cos²θ + (2·4)/(3·5) cos⁴θ + ...))
-            for j in range(1, (df - 1) // 2):
-                term *= (2 * j) / (2 * j + 1) * c * c
-                total += term
-            return 2 / math.pi * (theta + (s * c * total if df > 1 else 0.0))
-        for j in range(1, df // 2):  # even: sin θ (1 + 1/2 cos²θ + (1·3)/(2·4) cos⁴θ + ...)
-            term *= (2 * j - 1) / (2 * j) * c * c
-            total += term
-        return s * total
-
-    lo, hi = 0.0, 1e7
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if central(mid) < level else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_interval(values, level=0.95):
-    """(mean, low, high, n) of the finite values: a Student-t interval, None bounds when n < 2."""
-    x = np.asarray([v for v in values if _finite(v)], dtype=np.float64)
-    if len(x) == 0:
-        return float("nan"), None, None, 0
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, None, None, 1
-    half = t_quantile(len(x) - 1, level) * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return mean, mean - half, mean + half, len(x)
-
-
-def sign_flip_p(differences, seed=0):
-    """Two-sided p-value of 'the paired differences are symmetric about 0' (no effect): the share
-    of sign patterns whose |mean| is at least the observed one, exact over all 2^n patterns when
-    n ≤ _EXACT_MAX_PAIRS (so never below 2/2^n), else over _RANDOM_FLIPS seeded random ones."""
-    d = np.asarray(differences, dtype=np.float64)
-    n = len(d)
-    if n == 0:
-        return float("nan")
-    if n <= _EXACT_MAX_PAIRS:
-        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
-    else:
-        signs = np.random.default_rng(seed).choice([-1, 1], size=(_RANDOM_FLIPS, n))
-    observed = abs(d.mean())
-    extreme = np.abs(signs @ d / n) >= observed * (1 - 1e-12)  # ties count as extreme
-    return float(extreme.mean()) if n <= _EXACT_MAX_PAIRS else (1 + int(extreme.sum())) / (1 + _RANDOM_FLIPS)
-
-
-def paired_comparison(base, other):
-    """base, other: {seed: value}. Each arm's mean_interval, and over the seeds both have (finite)
-    the mean paired difference other − base with its interval, sign-flip p and n."""
-    seeds = [s for s in base if s in other and _finite(base[s]) and _finite(other[s])]
-    differences = [other[s] - base[s] for s in seeds]
-    return dict(base=mean_interval(base.values()), other=mean_interval(other.values()),
-                delta=mean_interval(differences), p=sign_flip_p(differences) if len(seeds) >= 2 else None)
-
-
-def interpolate_log_l0(l0, values, targets):
-    """One run's metric at the target L0s, linear in log(L0) between its SAEs; NaN outside the
-    L0 range its SAEs span (no extrapolation). SAEs with the same L0 are averaged."""
-    points = {}
-    for x, v in zip(l0, values):
-        if _finite(x) and _finite(v) and x > 0:
-            points.setdefault(float(x), []).append(v)
-    out = np.full(len(targets), np.nan)
-    if not points:
-        return out
-    xs = np.array(sorted(points))
-    ys = np.array([np.mean(points[x]) for x in xs])
-    t = np.asarray(targets, dtype=np.float64)
-    inside = (t >= xs[0] * (1 - 1e-9)) & (t <= xs[-1] * (1 + 1e-9))
-    out[inside] = np.interp(np.log(t[inside]), np.log(xs), ys)
-    return out
-
-
-def group_arms(runs):
-    """{arm: {seed: {SAE name: eval.json}}} from {run folder: {SAE name: eval.json}}, arms in the
-    order of the runs. An arm is mask_prob plus every other SAE cfg key the runs differ in besides
-    seed and k (so an ablation such as train_on_masked=False is an arm of its own)."""
-    cfgs = {(run, name): r.get("sae_cfg", {}) for run, saes in runs.items() for name, r in saes.items()}
-    keys = sorted({k for c in cfgs.values() for k in c} - _PAIR_KEYS - {"mask_prob"})
-    differing = [k for k in keys if len({json.dumps(c.get(k)) for c in cfgs.values()}) > 1]
-    arms = {}
-    for (run, name), c in cfgs.items():
-        arm = ", ".join([f"p={c.get('mask_prob')}"] + [f"{k}={c.get(k)}" for k in differing])
-        by_name = arms.setdefault(arm, {}).setdefault(c.get("seed"), {})
-        if name in by_name:
-            raise ValueError(f"{run}/{name} and {by_name[name]['sae']} are both arm {arm}, seed "
-                             f"{c.get('seed')}, SAE {name}: train each seed of an arm once (--seed=...)")
-        by_name[name] = runs[run][name]
-    return arms
-
-
-def _per_seed(arm, name, label):
-    return {seed: _value(saes.get(name), label) for seed, saes in arm.items()}
-
-
-def _per_seed_mean_over(arm, names, label):
-    """Each seed's mean over the given SAEs (None if one of them lacks the metric)."""
-    out = {}
-    for seed, saes in arm.items():
-        values = [_value(saes.get(n), label) for n in names]
-        out[seed] = float(np.mean(values)) if all(_finite(v) for v in values) else None
-    return out
-
-
-def matched_l0_grid(arms, points=3):
-    """`points` L0 values, evenly spaced in log, over the L0 range that every arm's SAEs cover in
-    every seed the arms share; [] when there is none."""
-    seeds = set.intersection(*(set(a) for a in arms.values()))
-    ranges = []
-    for seed in seeds:
-        for arm in arms.values():
-            l0 = [_value(r, "L0") for r in arm[seed].values()]
-            l0 = [v for v in l0 if _finite(v) and v > 0]
-            if not l0:
-                return []
-            ranges.append((min(l0), max(l0)))
-    if not ranges:
-        return []
-    lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    if lo > hi:
-        return []
-    return [lo] if math.isclose(lo, hi) else [float(v) for v in np.exp(np.linspace(math.log(lo), math.log(hi), points))]
-
-
-def _matched(arm, label, grid):
-    """{seed: metric interpolated at each grid L0} of one arm."""
-    out = {}
-    for seed, saes in arm.items():
-        results = list(saes.values())
-        out[seed] = interpolate_log_l0([_value(r, "L0") for r in results], [_value(r, label) for r in results], grid)
-    return out
-
-
-def _cell(summary):
-    mean, lo, hi, n = summary
-    if n == 0:
-        return "no data"
-    if n == 1:
-        return f"{mean:.4f} (n=1; no interval (1 seed))"
-    return f"{mean:.4f} [{lo:.4f}, {hi:.4f}] n={n}"
-
-
-def _delta_cells(comparison):
-    mean, lo, hi, n = comparison["delta"]
-    if n == 0:
-        return ["no data", "—"]
-    if n == 1:
-        return ["no interval (1 seed)", "—"]
-    return [f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] n={n}", f"{comparison['p']:.3g}"]
-
-
-def _table(arms, rows):
-    """rows: [(metric, where, [comparison per other arm])]: Markdown, the first arm as baseline."""
-    names = list(arms)
-    header = "| metric | SAE | " + " | ".join(f"`{a}`" for a in names) + " | " + " | ".join(
-        f"Δ `{a}` − `{names[0]}` [95% CI] | p" for a in names[1:]) + " |"
-    lines = [header, "|---" * (2 + len(names) + 2 * (len(names) - 1)) + "|"]
-    for label, where, comparisons in rows:
-        cells = [_cell(comparisons[0]["base"])] + [_cell(c["other"]) for c in comparisons]
-        cells += [x for c in comparisons for x in _delta_cells(c)]
-        lines.append(f"| {label} | {where} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def comparison_table(arms):
-    """By nominal k: a row per (metric, SAE name) and per metric an 'all k' row over the SAE names
-    every arm has in every seed. arms: group_arms's {arm: {seed: {SAE name: eval.json}}}."""
-    base, others = arms[next(iter(arms))], list(arms.values())[1:]
-    names = list(dict.fromkeys(n for arm in arms.values() for saes in arm.values() for n in saes))
-    common = [n for n in names if all(n in saes for arm in arms.values() for saes in arm.values())]
-    rows = []
-    for label in _labels_with_data(arms):
-        for name in names:
-            comparisons = [paired_comparison(_per_seed(base, name, label), _per_seed(o, name, label))
-                           for o in others]
-            if comparisons[0]["base"][3] + sum(c["other"][3] for c in comparisons):
-                rows.append((label, name, comparisons))
-        if len(common) > 1 and label != "L0":
-            rows.append((label, f"all k ({len(common)} SAEs)", [
-                paired_comparison(_per_seed_mean_over(base, common, label), _per_seed_mean_over(o, common, label))
-                for o in others]))
-    return _table(arms, rows)
-
-
-def matched_l0_table(arms, grid):
-    """At each grid L0: every metric interpolated per run (interpolate_log_l0), compared by seed."""
-    base, others = arms[next(iter(arms))], list(arms.values())[1:]
-    rows = []
-    for label in _labels_with_data(arms)[1:]:
-        at_base = _matched(base, label, grid)
-        at_others = [_matched(o, label, grid) for o in others]
-        for i, l0 in enumerate(grid):
-            comparisons = [paired_comparison({s: v[i] for s, v in at_base.items()},
-                                             {s: v[i] for s, v in at.items()}) for at in at_others]
-            rows.append((label, f"L0 = {l0:.1f}", comparisons))
-    return _table(arms, rows).replace("| metric | SAE |", "| metric | at |", 1)
-
-
-def caveats(arms):
-    """What the comparison rests on, as Markdown bullets, read from the SAE cfgs and eval.json."""
-    results = _arm_results(arms)
-    cfgs = [r.get("sae_cfg", {}) for r in results]
-    lines = []
-    if any((c.get("d_in") or 1e9) <= 256 for c in cfgs):  # load_llm's tiny-model rule
-        lines.append("- **RANDOM MODEL.** These SAEs sit on a tiny model (d_model ≤ 256; the offline default "
-                     "has random weights): the numbers say nothing about the paper, they only show that "
-                     "every stage runs.")
-    models = sorted({f"`{c.get('model')}` layer {c.get('layer')} (d {c.get('d_in')})" for c in cfgs})
-    lines.append(f"- Model: {', '.join(models)}.")
-    for arm, by_seed in arms.items():
-        saes = [r for s in by_seed.values() for r in s.values()]
-        tokens = sorted({r.get("sae_cfg", {}).get("training_tokens") for r in saes}, key=str)
-        folders = sorted({os.path.dirname(r.get("sae", "")) or r.get("sae", "?") for r in saes})
-        lines.append(f"- Arm `{arm}` (mask_prob {saes[0].get('sae_cfg', {}).get('mask_prob')}): "
-                     f"{len(by_seed)} seed(s) {sorted(by_seed, key=str)}, {len(saes)} SAEs, "
-                     f"training tokens seen per SAE {', '.join(f'{t:,}' if t else 'not recorded' for t in tokens)}; "
-                     f"runs {', '.join(f'`{f}`' for f in folders)}.")
-    absorption = [r["absorption"] for r in results if isinstance(r.get("absorption"), dict)]
-    if absorption:
-        kept = [a.get("n_letters_kept", 0) for a in absorption]
-        evaluated = {26 - len(a.get("letters_skipped_too_few_tokens", [])) for a in absorption}
-        gate = {r.get("settings", {}).get("absorption_probe_f1_gate") for r in results if "absorption" in r}
-        lines.append(f"- Absorption: {min(kept)}–{max(kept)} letters pass the probe gate (F1 > "
-                     f"{', '.join(map(str, gate))}) out of {', '.join(map(str, sorted(evaluated)))} evaluated; "
-                     "with 0 letters the score is undefined (no data); SAEBench wants ≥ 20.")
-    for metric, key, what in (("scr", "test_texts_per_cell", "test texts per class × attribute cell"),
-                              ("tpp", "test_texts_per_class", "test texts per class")):
-        found = [r[metric] for r in results if isinstance(r.get(metric), dict)]
-        counts = sorted({json.dumps(f[key]) for f in found if key in f})
-        if found:
-            lines.append(f"- {metric.upper()}: {what}: {', '.join(counts) or 'not recorded (rerun it)'} (a score "
-                         "is a difference of accuracies on these texts, so few texts make it coarse).")
-    absent = [label.replace(" (N={n}{how})", "") for label, metric, key, _ in _HEADLINE
-              if not any(key in (r.get(metric) or {}) for r in results)]
-    undefined = [label for label in headline_labels(results) if label not in _labels_with_data(arms)]
-    if undefined:
-        lines.append(f"- **No data** (NaN in every SAE, so no row and an empty panel): {', '.join(undefined)}.")
-    if absent:
-        lines.append(f"- Not evaluated (no row, no panel): {', '.join(absent)}.")
-    seeds = [set(a) for a in arms.values()]
-    if len(set.intersection(*seeds)) < 2:
-        lines.append("- Fewer than 2 seeds shared by the arms: no interval, no Δ and no p-value can be given. "
-                     "Train more seeds (`--seed=1`, `--seed=2`, ...).")
-    return "\n".join(lines)
-
-
-def comparison_report(arms, matched_points=3):
-    """comparison.md's text for group_arms's {arm: {seed: {SAE name: eval.json}}}."""
-    grid = matched_l0_grid(arms, matched_points)
-    matched = (matched_l0_table(arms, grid) if grid else
-               "no data: no L0 range is covered by every arm's SAEs in every shared seed.")
-    return (f"# Baseline vs masked\n\n{_METHOD}\n\n## What these numbers rest on\n\n{caveats(arms)}\n\n"
-            f"## By nominal k\n\n{comparison_table(arms)}\n\n## At matched L0 (inference L0 on clean text)\n\n"
-            f"{matched}\n")
-
-
-def plot_comparison(arms, path):
-    """One panel per headline metric against measured L0 (log axis): per arm, a point per SAE
-    name at the seeds' mean L0 and mean metric, with the metric's 95% interval and the seeds' L0
-    range as bars; an empty panel says "no data". Skipped (with a note) when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("note: matplotlib is not installed, no plot written")
-        return
-    labels = [label for label in headline_labels(_arm_results(arms)) if label != "L0"]
-    cols, rows = 4, max(1, math.ceil(len(labels) / 4))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows))
-    bar = lambda s: (0.0 if s[1] is None else s[0] - s[1], 0.0 if s[2] is None else s[2] - s[0])
-    for ax, label in zip(axes.flat, labels):
-        drawn = False
-        for arm, by_seed in arms.items():
-            points = []
-            for name in dict.fromkeys(n for saes in by_seed.values() for n in saes):
-                pairs = [(_value(saes.get(name), "L0"), _value(saes.get(name), label)) for saes in by_seed.values()]
-                pairs = [(x, y) for x, y in pairs if _finite(x) and _finite(y)]
-                if pairs:
-                    l0 = [x for x, _ in pairs]  # the seeds' L0 range: a t interval of 2 would span decades
-                    points.append(((np.mean(l0), min(l0), max(l0)), mean_interval([y for _, y in pairs])))
-            if points:
-                points.sort(key=lambda p: p[0][0])
-                ax.errorbar([p[0][0] for p in points], [p[1][0] for p in points],
-                            xerr=np.array([bar(p[0]) for p in points]).T, yerr=np.array([bar(p[1]) for p in points]).T,
-                            marker="o", capsize=3, label=f"{arm} ({len(by_seed)} seed(s))")
-                drawn = True
-        if drawn:
-            ax.set_xscale("log")  # ticks at 1, 2, 5 x 10^n: labelled minor ticks overlap
-            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        else:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("L0 (clean text)")
-    for ax in axes.flat[len(labels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("mean over seeds; vertical bars: 95% t interval (none with 1 seed), horizontal: the seeds' "
-                 "L0 range", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
-    print(f"wrote {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -2210,7 +1783,7 @@ def main(argv):
         raise ValueError(f"{run_a} is on {a[0]} layer {a[1]} but {run_b} on {b[0]} layer {b[1]}: a comparison "
                          "needs one model and layer; evaluate these runs in separate calls")
     # the same arm and seed twice is refused now, not after every metric has been computed
-    group_arms({run: {os.path.relpath(d, run) if d != run else os.path.basename(run):
+    compare.group_arms({run: {os.path.relpath(d, run) if d != run else os.path.basename(run):
                       {"sae_cfg": sae_lib.read_cfg(d), "sae": d} for d in find_sae_dirs(run)} for run in runs})
     results = {}
     for (model_folder, layer_index, tokens), dirs in groups.items():
@@ -2218,18 +1791,7 @@ def main(argv):
     by_run = {run: {os.path.relpath(d, run) if d != run else os.path.basename(run): results[d]
                     for d in find_sae_dirs(run)} for run in runs}
     print()
-    for run, saes in by_run.items():
-        print(run_table(run, saes) + "\n")
-    arms = group_arms(by_run)  # runs grouped by their SAE cfgs, paired by (seed, SAE name)
-    if len(arms) >= 2:
-        text = comparison_report(arms)
-        _write_atomic(cfg.comparison_file, text)
-        print(text)
-        print(f"wrote {cfg.comparison_file}")
-        plot_comparison(arms, os.path.splitext(cfg.comparison_file)[0] + ".png")
-    elif len(runs) >= 2:
-        print(f"note: every run is arm {next(iter(arms))}: no comparison (pass runs that differ in mask_prob)")
-
+    compare.report(by_run, cfg.comparison_file)  # the across-run stage: `python compare.py RUN...` redoes it
 
 if __name__ == "__main__":
     configurator.run(main)

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import safetensors.torch
 
+import compare
 import model as model_lib
 
 ARCHS = ("matryoshka_batchtopk", "batchtopk", "topk", "relu")
@@ -613,8 +614,7 @@ def export_saelens(sae, folder):
 def model_card(cfg, result=None):
     """README.md for a published SAE: what it was trained on and how, and its headline numbers
     from evaluate.py's eval.json (`result`), each with its interval where eval.json holds one
-    (a metric's "uncertainty": {key: {"interval": [low, high]}})."""
-    import evaluate  # lazily: evaluate imports this module
+    (a metric's "uncertainty": {key: {"ci95": [low, high]}})."""
     name = cfg.get("model_name") or cfg.get("model")
     p = cfg.get("mask_prob")
     arm = "not recorded" if p is None else "baseline (mask_prob 0)" if p == 0 else f"masked (mask_prob {p})"
@@ -631,12 +631,11 @@ def model_card(cfg, result=None):
              f"| architecture | {cfg['arch']}, k = {cfg.get('k')}, d_in = {cfg['d_in']}, d_sae = {cfg['d_sae']} |",
              f"| training tokens | {cfg.get('training_tokens')} |",
              f"| seed | {cfg.get('seed')} |", ""]
-    rows = evaluate.headline(result) if result else []
+    rows = compare.headline_entries(result) if result else []
     if rows:
         lines += ["| metric | value |", "|---|---:|"]
-        present = [(m, k) for _, m, k, _ in evaluate._HEADLINE if isinstance(result.get(m), dict) and k in result[m]]
-        for (label, value), (metric, key) in zip(rows, present):  # headline() keeps _HEADLINE's order
-            interval = (result[metric].get("uncertainty") or {}).get(key, {}).get("interval")
+        for label, metric, key, value in rows:
+            interval = ((result[metric].get("uncertainty") or {}).get(key) or {}).get("ci95")
             shown = "—" if value is None else f"{value:.4f}"
             if value is not None and interval and None not in interval:
                 shown += f" [{interval[0]:.4f}, {interval[1]:.4f}]"

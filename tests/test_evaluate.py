@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import configurator
+import compare
 import evaluate as ev
 import model as model_lib
 import sae as sae_lib
@@ -577,7 +578,7 @@ def test_headline_labels_name_n_and_the_ablation_used():
               "tpp": {"tpp_metric": 0.1, "headline_n": 50,
                       "ablation_positions": ev._ABLATION_LABELS["saebench"]},
               "core": {"l0": 8.0, "ce_loss_score": None}}  # null in eval.json: shown as —
-    assert ev.headline(result) == [("L0", 8.0), ("CE loss recovered ↑", None), ("SCR (N=20) ↑", 0.25),
+    assert compare.headline(result) == [("L0", 8.0), ("CE loss recovered ↑", None), ("SCR (N=20) ↑", 0.25),
                                    ("TPP (N=50, SAEBench ablation) ↑", 0.1)]
 
 
@@ -673,7 +674,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_readers_are_not_sent_outside_the_repository():
     """A clone has no notes beside it and no machine paths: what a reader needs is in the repo."""
-    files = ["README.md", "evaluate.py", "model.py", "prepare.py", "bench.py", "configurator.py", "sae.py",
+    files = ["README.md", "evaluate.py", "compare.py", "model.py", "prepare.py", "bench.py", "configurator.py", "sae.py",
              "train.py"]
     files += [os.path.join("configs", name) for name in os.listdir(os.path.join(ROOT, "configs"))]
     for name in files:
@@ -685,7 +686,7 @@ def test_readers_are_not_sent_outside_the_repository():
 
 def test_readme_promises_the_plot_evaluate_writes_and_git_ignores_exports():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    assert "PNG per metric" not in readme and "`out/comparison.png` (one grid" in readme
+    assert "PNG per metric" not in readme and "`out/comparison.png` (one figure" in readme
     assert "'export/k20'" in readme and "export/" in open(os.path.join(ROOT, ".gitignore")).read().split()
 
 
@@ -723,10 +724,14 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
     ev.main([str(tmp_path / "base"), str(tmp_path / "masked")] + small)
     assert sorted(os.listdir(tmp_path / "cache")) == cached  # the second run reused every activation
     table = open(tmp_path / "comparison.md").read()
-    assert "| L0 | k4 |" in table and "mask_prob 0.3" in table  # the reports: tests/test_stats.py
-    assert "SCR (N=20) ↑" in table and "TPP (N=20) ↑" in table
+    assert "| L0 | k4 (nominal k, EMA threshold) |" in table and "mask_prob 0.3" in table  # tests/test_stats.py
+    assert "*untestable here*: no SAE with k=20 in every seed of both arms" in table  # the tiny SAEs: k 4, 8
+    assert "SCR (N=20) ↑" in table.split("## SCR and TPP: unreliable")[1] and "TPP (N=20) ↑" in table
     plots = ["comparison.png"] if importlib.util.find_spec("matplotlib") else []  # an optional package
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == plots  # one grid, as the README says
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == plots  # one figure, as the README says
+    os.remove(tmp_path / "comparison.md")
+    compare.main([str(tmp_path / "base"), str(tmp_path / "masked"), f"--comparison_file={tmp_path}/comparison.md"])
+    assert open(tmp_path / "comparison.md").read() == table  # compare.py alone redoes it from eval.json
     assert result["scr"]["ablation_positions"] == result["tpp"]["ablation_positions"] == ev._ABLATION_LABELS["valid"]
     out = capsys.readouterr().out
     assert "tiny model" in out and "a seeded sample of 800 of the" in out

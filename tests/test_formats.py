@@ -78,7 +78,7 @@ def eval_result():
                      latent_density=[0.0, 0.005, 0.02, 0.2], ce_loss_without_sae=3.0, ce_loss_with_sae=3.2,
                      ce_loss_with_ablation=9.0, ce_loss_score=None, delta_lm_loss=0.2, kl_div_with_sae=0.1,
                      kl_div_with_ablation=5.0, kl_div_score=0.98, null_reasons={"ce_loss_score": "0/0 here"},
-                     uncertainty={"l0": {"interval": [20.0, 21.0]}}),
+                     uncertainty={"l0": {"se": 0.25, "ci95": [20.0, 21.0], "n_boot": 4, "unit": "words", "replicates": [20.0, 20.5, 21.0, 20.5]}}),
         "absorption": dict(mean_full_absorption_score=0.1, mean_absorption_fraction_score=0.2125,
                            mean_num_split_features=1.5, letters_kept=["a", "b"], n_letters_kept=2,
                            one_minus_mean_full_absorption=0.9, per_letter=letters,
@@ -123,7 +123,7 @@ def test_saebench_files_fill_saebench_slots_and_keep_every_other_key():
     assert extra["nan_in_saebench_slots"]["ce_loss_score"] == "0/0 here"
     assert "not computed" in extra["nan_in_saebench_slots"]["average_max_decoder_cosine_sim"]
     # our keys without a slot pass through unchanged, the global EV and intervals among them
-    assert extra["explained_variance"] == 0.8 and extra["uncertainty"] == {"l0": {"interval": [20.0, 21.0]}}
+    assert extra["explained_variance"] == 0.8 and extra["uncertainty"]["l0"]["ci95"] == [20.0, 21.0]
     assert "l0" not in extra and extra["evaluate_settings"]["eval_seed"] == ev.eval_seed
 
     absorption = files["absorption.json"]

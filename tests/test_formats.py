@@ -166,18 +166,18 @@ def test_saebench_files_load_in_saebench_classes():
         assert loaded.eval_type_id == doc["eval_type_id"]
 
 
-def test_evaluate_group_writes_saebench_files_beside_eval_json_or_in_saebench_layout(tmp_path, monkeypatch):
-    folder = tmp_path / "run" / "k4"
-    sae_lib.save(sae_lib.SAE(8, 16, arch="batchtopk", k=4, model="m", layer=0), str(folder))
+def test_evaluate_group_writes_saebench_files_beside_eval_json_or_in_saebench_layout(tmp_path, monkeypatch, tiny):
+    folder, model_dir = tmp_path / "run" / "k4", tiny / "model"  # eval.json records the model's files
+    sae_lib.save(sae_lib.SAE(8, 16, arch="batchtopk", k=4, model=str(model_dir), layer=0), str(folder))
     monkeypatch.setattr(ev, "load_llm", lambda *args: SimpleNamespace(m=SimpleNamespace(cfg=SimpleNamespace(d_model=8))))
     monkeypatch.setitem(ev._RUNNERS, "core", lambda llm, saes, cfg: [{"l0": 4.0, "tokens": 10, "ce_tokens": 5}])
     cfg = configurator.configure(vars(ev), ["--metrics=['core']"])
-    ev.evaluate_group(cfg, "m", 0, "", [str(folder)], "cpu")
+    ev.evaluate_group(cfg, str(model_dir), 0, "", [str(folder)], "cpu")
     doc = json.load(open(folder / "saebench" / "core.json"))
     check_saebench(doc)
     assert doc["eval_result_metrics"]["sparsity"]["l0"] == 4.0
     cfg = configurator.configure(vars(ev), ["--metrics=['core']", "--rerun=True", f"--saebench_json_dir={tmp_path}/sb"])
-    ev.evaluate_group(cfg, "m", 0, "", [str(folder)], "cpu")
+    ev.evaluate_group(cfg, str(model_dir), 0, "", [str(folder)], "cpu")
     assert os.listdir(tmp_path / "sb" / "core") == ["run_k4_eval_results.json"]  # what SAEBench's graphing reads
 
 

@@ -583,6 +583,7 @@ def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens
     device = next(m.parameters()).device
     ce_rows = len(rows) if ce_rows is None else ce_rows
     sums = [new_core_sums(m.cfg.d_model, sae.W_dec.shape[0]) for sae in saes]
+    fired_ema = [0] * len(saes)  # firings at the EMA θ where cfg.json records one (train.py calibrates)
     clean_ce = zero_ce = zero_kl = ce_tokens = kl_tokens = 0.0
     sae_ce, sae_kl = [0.0] * len(saes), [0.0] * len(saes)
     n_batches, t0 = math.ceil(len(rows) / batch_rows), time.time()
@@ -606,6 +607,9 @@ def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens
             f = torch.cat([sae.encode(c.to(w.device, w.dtype)) for c in x.split(batch_tokens)])
             x_hat = sae.decode(f).float().to(device)
             add_core_batch(sums[i], x, f, x_hat)
+            if sae.cfg.get("threshold_ema") is not None:
+                fired_ema[i] += sum(int((sae.pre_acts(c.to(w.device, w.dtype)) > sae.cfg["threshold_ema"]).sum())
+                                    for c in x.split(batch_tokens))
             if with_ce:
                 spliced = resid.clone()
                 spliced[valid] = x_hat.to(resid.dtype)
@@ -635,6 +639,11 @@ def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens
             reasons["kl_div_score"] = "zero-ablating the layer leaves the model's output unchanged, so 0/0"
         if reasons:
             r["null_reasons"] = reasons
+        # the inference threshold the SAE used ("l0" is its L0), the other one, and the EMA one's L0 here
+        r.update({key: saes[i].cfg[key] for key in ("threshold_used", "threshold_ema", "threshold_calibrated")
+                  if key in saes[i].cfg})
+        if saes[i].cfg.get("threshold_ema") is not None:
+            r["l0_threshold_ema"] = fired_ema[i] / r["tokens"]
         results.append(r)
     return results
 

@@ -575,6 +575,9 @@ def load(path, device="cpu"):
     if converted:
         print(f"note: {weights_path} stores {'/'.join(sorted(converted))} weights; converted to float32")
     sae.load_state_dict(tensors)  # copies into the float32 parameters
+    if cfg["arch"] in ("batchtopk", "matryoshka_batchtopk") and "threshold_used" not in cfg:
+        print(f"note: {folder}/cfg.json records no calibrated threshold (exported before train.py calibrated "
+              f"them): using its stored EMA θ = {float(sae.threshold):.4g}")
     return sae.to(device)
 
 

@@ -80,9 +80,16 @@ warmup_steps = 30                  # paper recipe: 1000
 decay_start = 0.8                  # linear decay to 0 over the last 20% of steps
 grad_clip = 1.0
 l1_warmup_steps = 500              # relu arch: L1 coefficient ramps up over these steps
-dead_tokens = 6_144                # a latent unseen for this many tokens is dead (paper: 10M);
-                                   # 2% of total_tokens, the paper's 10M of 500M, so aux-k runs here too
+dead_tokens = 6_144                # a latent unseen for this many tokens is dead (paper: 10M); 2% of
+                                   # total_tokens, the paper's 10M of 500M: of 2%, 20 steps and the whole
+                                   # run, measured, the one that leaves the fewest latents silent on clean
+                                   # text and whose count is nearest to them (README, The dead window)
 threshold_start = 30               # inference-threshold EMA starts after this step (paper: 1000)
+threshold = "calibrated"           # the exported SAE's inference θ: "calibrated" = bisected so that its
+                                   # mean L0 on clean held-out tokens is k, for every arm alike; "ema" =
+                                   # the training EMA, dictionary_learning's (README, Calibrated thresholds)
+calibration_tokens = 16_384        # clean tokens for the calibration: the first ones of val.bin in rows
+                                   # of ctx_len; L0 is k on them, θ moved <0.8% from 2,048 to 16,384 (README)
 scale_tokens = 16_384              # tokens used to estimate the activation scale
 seed = 0                           # the SAE: its init and the shuffle buffer's order
 data_seed = 0                      # the data: the masks. Runs differing only in seed share one
@@ -103,9 +110,11 @@ wandb_project = ""                 # log to Weights & Biases when set (optional 
 
 # settings that may change between a checkpoint and its resumption. out_dir: the checkpoint was
 # found in it, so it is the run's folder however it is spelled and wherever it has been moved
-# activation_cache: the cache holds the same stream the LLM would give, so it may come or go
+# activation_cache: the cache holds the same stream the LLM would give, so it may come or go;
+# threshold, calibration_tokens: they choose the exports' θ only, never the training (so a checkpoint
+# written before they existed resumes too)
 _RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "compile", "tf32", "wandb_project", "out_dir",
-                      "activation_cache"}
+                      "activation_cache", "threshold", "calibration_tokens"}
 _FOLDER_SETTINGS = {"model_dir", "tokens_dir"}  # compared as the folders they name, not as strings
 # divergence: an explained variance below this at a log step means the reconstruction error is
 # 100x the activations' variance; a fresh SAE starts near 0 and a diverging one runs to -1e29
@@ -601,6 +610,10 @@ def validate(cfg):
     if cfg.arch == "matryoshka_batchtopk" and abs(sum(cfg.group_fractions) - 1) > 1e-6:
         problems.append(f"group_fractions must sum to 1 (the last group takes the rest), got "
                         f"{cfg.group_fractions} (sum {sum(cfg.group_fractions):.4g})")
+    if cfg.threshold not in ("calibrated", "ema"):
+        problems.append(f"threshold must be 'calibrated' or 'ema', got {cfg.threshold!r}")
+    if not (type(cfg.calibration_tokens) is int and cfg.calibration_tokens > 0):
+        problems.append(f"calibration_tokens must be a positive integer, got {cfg.calibration_tokens!r}")
     if cfg.buffer_tokens < 2 * cfg.batch_size:
         problems.append(f"buffer_tokens ({cfg.buffer_tokens}) must hold at least two batches "
                         f"({2 * cfg.batch_size})")
@@ -753,6 +766,14 @@ def train(cfg, device, rank, world, log, on_exit):
         for s in saes:
             s.b_dec.data.copy_(median)
 
+    # the clean held-out tokens every export calibrates its θ on: harvested once, kept in memory
+    clean = None
+    if rank == 0 and cfg.arch in ("batchtopk", "matryoshka_batchtopk"):
+        t0 = time.time()
+        clean = calibration_acts(m, cfg)
+        log(f"calibration tokens: {len(clean):,} clean ones from {cfg.tokens_dir}/val.bin in {time.time() - t0:.1f}s "
+            f"(threshold = {cfg.threshold!r})")
+
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda"))
     loss_fns = [torch.compile(s.training_loss) if use_compile else s.training_loss for s in saes]
     autocast = sae_autocast_context(device, cfg.sae_autocast)
@@ -796,7 +817,8 @@ def train(cfg, device, rank, world, log, on_exit):
                     raise FloatingPointError(f"step {step + 1}: SAE {name} diverged (loss {loss:.3g}, explained "
                                              f"variance {ev:.3g} < {_DIVERGED_EV}); lower lr. {last_good(cfg)}")
                 parts.append(f"{name} loss {loss:.4f} aux {stats['aux'].item():.3f} "
-                             f"L0 {stats['l0'].item():.1f} EV {ev:.3f} dead {int((dd >= cfg.dead_tokens).sum())}")
+                             f"L0 {stats['l0'].item():.1f} EV {ev:.3f} dead {int((dd >= cfg.dead_tokens).sum())} "
+                             f"(>{cfg.dead_tokens} tok)")
             # the buffer may not have been refilled in this interval: no harvest rate to show then
             harvest_rate = f"{tokens / harvest_time_log / 1e3:.1f}k tok/s" if harvest_time_log else "—"
             sae_rate = tokens / max(elapsed - harvest_time_log, 1e-9)
@@ -819,12 +841,18 @@ def train(cfg, device, rank, world, log, on_exit):
             save_checkpoint(cfg, saes, optimizers, dead, scale, step + 1, harvester, buffer, rank, world)
             if rank == 0 and step + 1 < total_steps:  # the last state's exports follow the loop
                 for name, s in zip(names, saes):
-                    export_sae(s, scale, os.path.join(cfg.out_dir, name))
+                    export_sae(s, scale, os.path.join(cfg.out_dir, name), cfg, clean)
     # the exports of the last state, also when a resumed run finds its checkpoint at the last step
     # already: a run killed between that checkpoint and these exports would otherwise keep stale ones
     if rank == 0:
         for name, s in zip(names, saes):
-            export_sae(s, scale, os.path.join(cfg.out_dir, name))
+            info = export_sae(s, scale, os.path.join(cfg.out_dir, name), cfg, clean)
+            if info:
+                ema = (f"EMA θ {info['threshold_ema']:.4g} gives L0 {info['calibration_l0_ema']:.2f}"
+                       if info["calibration_l0_ema"] is not None else "EMA θ unset")
+                log(f"{name}: on {info['calibration_tokens']:,} clean val tokens {ema}, calibrated θ "
+                    f"{info['threshold_calibrated']:.4g} gives L0 {info['calibration_l0']:.2f} (k {s.cfg['k']}); "
+                    f"exported with the {cfg.threshold} one")
 
     if harvester.tokens_eligible:
         log(f"realised mask fraction over eligible tokens: "
@@ -843,15 +871,62 @@ def sae_autocast_context(device, enabled):
     return torch.autocast(kind, torch.bfloat16, enabled=bool(enabled) and native)
 
 
+@torch.no_grad()
+def calibration_acts(m, cfg):
+    """The clean held-out activations the inference threshold is calibrated on: tokens_dir/val.bin
+    read from its start in rows of BOS + ctx_len-1 tokens, never masked, BOS/EOS/pad dropped, the
+    first calibration_tokens valid positions, fp32 on the CPU. A fixed selection, so every arm and
+    seed (and a resumed run) calibrates on the same tokens. Fewer when val.bin is shorter (a note)."""
+    val, _ = prepare.open_tokens(cfg.tokens_dir, "val")
+    span = cfg.ctx_len - 1
+    device = next(m.parameters()).device
+    chunks, have, row = [], 0, 0
+    while have < cfg.calibration_tokens and (row + 1) * span <= len(val):
+        batch = np.stack([val[r * span:(r + 1) * span] for r in range(row, min(row + cfg.llm_batch_rows,
+                                                                               len(val) // span))])
+        row += len(batch)
+        idx = torch.from_numpy(np.concatenate([np.full((len(batch), 1), m.cfg.bos_token_id),
+                                               batch.astype(np.int64)], 1)).to(device)
+        chunks.append(m.resid_post(idx, cfg.layer)[m.valid_mask(idx)].float().cpu())
+        have += len(chunks[-1])
+    if not have:
+        raise ValueError(f"{cfg.tokens_dir}/val.bin has {len(val)} tokens, fewer than one row of {cfg.ctx_len}: "
+                         f"the inference threshold needs held-out tokens (prepare.py's val_fraction)")
+    if have < cfg.calibration_tokens:
+        print(f"note: {cfg.tokens_dir}/val.bin gives {have:,} valid tokens, fewer than calibration_tokens="
+              f"{cfg.calibration_tokens:,}: the threshold is calibrated on them all")
+    return torch.cat(chunks)[:cfg.calibration_tokens]
+
+
 def m_bytes(cfg):
     return 2 if cfg.llm_dtype == "bfloat16" else 4
 
 
-def export_sae(s, scale, folder):
-    """Save a copy with the activation scale folded in, so it runs on raw activations."""
+def export_sae(s, scale, folder, cfg=None, clean=None):
+    """Save a copy with the activation scale folded in, so it runs on raw activations. A BatchTopK
+    SAE's folded copy is calibrated on the raw clean activations `clean` (calibration_acts): its
+    cfg.json records both thresholds and the L0 each gives there, and cfg.threshold picks the one
+    it uses. Returns those cfg.json entries ({} when there is nothing to calibrate)."""
     folded = copy.deepcopy(s).cpu()
     sae_lib.fold_scale(folded, scale)
+    info = {}
+    if clean is not None and folded.cfg["arch"] in ("batchtopk", "matryoshka_batchtopk"):
+        ema = float(folded.threshold)
+        theta, l0 = sae_lib.calibrate_threshold(folded, clean, folded.cfg["k"])
+        info = dict(threshold_ema=ema if ema >= 0 else None, threshold_calibrated=theta, threshold_used=cfg.threshold,
+                    calibration_tokens=len(clean), calibration_l0=l0,
+                    calibration_l0_ema=clean_l0(folded, clean, ema) if ema >= 0 else None)
+        if cfg.threshold == "calibrated":
+            folded.threshold.fill_(theta)
+        folded.cfg.update(info)
     sae_lib.save(folded, folder)
+    return info
+
+
+@torch.no_grad()
+def clean_l0(sae, x, theta, batch_tokens=4096):
+    """Mean L0 that threshold theta gives sae on x (N, d)."""
+    return sum(int((sae.pre_acts(c) > theta).sum()) for c in x.split(batch_tokens)) / len(x)
 
 
 if __name__ == "__main__":

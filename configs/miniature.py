@@ -14,5 +14,6 @@
 # paper trains 4096 latents on 500M tokens: these SAEs see 1/600 of that.
 ks = [20, 40, 80, 160]                   # the paper's L0 targets
 total_tokens = 819_200                   # 800 steps of 1024
-dead_tokens = 16_384                     # 2% of total_tokens, as the paper's 10M of 500M
+dead_tokens = 16_384                     # 2% of total_tokens, as the paper's 10M of 500M: the window that
+                                         # leaves the fewest latents dead (README, The dead window)
 comparison_file = "out/mini_comparison.md"

@@ -180,6 +180,25 @@ def test_kl_counts_every_valid_position_while_the_ce_drops_the_last(tiny_model):
     assert r["kl_div_with_sae"] != pytest.approx(kl[:, :-1][valid[:, :-1]].mean().item(), rel=1e-3)
 
 
+def test_core_reports_both_thresholds_and_the_l0_of_each(tiny_model):
+    """A calibrated export's cfg.json names the threshold it uses and the EMA one: core gives both,
+    its L0 at the used θ ("l0") and at the EMA θ, each as counted by hand on the same tokens."""
+    m = tiny_model
+    rows = greedy_rows(m, 4, 12, seed=1)
+    s = sae_lib.SAE(32, 64, arch="batchtopk", k=8, seed=3)
+    x = m.resid_post(torch.as_tensor(rows), 1)[m.valid_mask(torch.as_tensor(rows))]
+    a = s.pre_acts(x)
+    ema, used = a.quantile(0.9).item(), a.quantile(0.8).item()  # two thresholds, L0 ≈ 6.4 and 12.8
+    s.threshold.fill_(used)
+    s.cfg.update(threshold_used="calibrated", threshold_ema=ema, threshold_calibrated=used)
+    r = ev.core_metrics(m, 1, [s, identity_sae(32)], rows, batch_rows=3)
+    assert r[0]["threshold_used"] == "calibrated" and r[0]["threshold_calibrated"] == used
+    assert r[0]["l0"] == pytest.approx((a > used).sum(-1).double().mean().item())
+    assert r[0]["l0_threshold_ema"] == pytest.approx((a > ema).sum(-1).double().mean().item())
+    assert r[0]["l0_threshold_ema"] < r[0]["l0"]
+    assert "threshold_ema" not in r[1] and "l0_threshold_ema" not in r[1]  # nothing to report: no EMA
+
+
 def test_residuals_drop_special_and_padding_positions(tiny_model):
     rows = [[0, 5, 6, 7], [0, 8], [0, 9, 0, 10]]  # BOS, padding, and an EOS mid-row
     acts, counts = ev.residuals(tiny_model, rows, 1, batch_rows=2)

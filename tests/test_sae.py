@@ -598,6 +598,24 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(loaded.encode(x), sae.encode(x))
 
 
+def test_an_export_from_before_calibration_loads_with_its_ema_threshold_and_a_note(tmp_path, capsys):
+    """cfg.json written before train.py calibrated thresholds has no threshold_* keys: the stored
+    θ (the EMA) is used, and one line says so; a calibrated export loads silently."""
+    old = random_sae("matryoshka_batchtopk")
+    old.threshold.fill_(0.25)
+    sae_lib.save(old, str(tmp_path / "old"))
+    loaded = sae_lib.load(str(tmp_path / "old"))
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "records no calibrated threshold" in out and "EMA θ = 0.25" in out
+    assert float(loaded.threshold) == 0.25 and "threshold_used" not in loaded.cfg
+    new = random_sae("matryoshka_batchtopk")
+    new.threshold.fill_(0.5)
+    new.cfg.update(threshold_used="calibrated", threshold_ema=0.25, threshold_calibrated=0.5)
+    sae_lib.save(new, str(tmp_path / "new"))
+    assert float(sae_lib.load(str(tmp_path / "new")).threshold) == 0.5
+    assert capsys.readouterr().out == ""
+
+
 def test_topk_loads_as_topk(tmp_path):
     """SAELens#308: a TopK SAE loaded as ReLU has L0 of hundreds instead of k."""
     sae_lib.save(random_sae("topk"), str(tmp_path))

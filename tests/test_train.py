@@ -339,8 +339,59 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
         a = load_file(tmp_path / "straight" / f"k{k}" / "sae.safetensors")
         b = load_file(tmp_path / "killed" / f"k{k}" / "sae.safetensors")
         assert a.keys() == b.keys()
-        for name in a:
+        for name in a:  # the calibrated threshold included: the resumed run harvests the same clean tokens
             assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max())
+        assert sae_lib.load(tmp_path / "killed" / f"k{k}").cfg["threshold_used"] == "calibrated"
+
+
+def test_exports_are_calibrated_to_k_on_clean_val_tokens(tiny, tmp_path, capsys):
+    """The calibration tokens are val.bin's first rows, unmasked (whatever mask_prob is), special
+    positions dropped; the exported (scale-folded) SAE fires k latents per token on them, and
+    cfg.json records both thresholds and the L0 each gives. The log names the dead window."""
+    train.main(fast_settings(tiny, tmp_path / "run", "--calibration_tokens=1000"))
+    out = capsys.readouterr().out
+    assert re.search(r"dead \d+ \(>2560 tok\)", out) and "exported with the calibrated one" in out
+    cfg = configurator.configure(vars(train), fast_settings(tiny, "unused", "--calibration_tokens=1000"))
+    m = model_lib.load(cfg.model_dir)
+    val, _ = prepare.open_tokens(cfg.tokens_dir, "val")
+    rows = torch.tensor(val[:63 * 20].astype("int64")).view(20, 63)
+    rows = torch.cat([torch.full((20, 1), m.cfg.bos_token_id), rows], 1)
+    by_hand = m.resid_post(rows, cfg.layer)[m.valid_mask(rows)][:1000]
+    clean = train.calibration_acts(m, cfg)
+    assert torch.equal(clean, by_hand)  # the unmasked model on val.bin: no mask, no training token
+    for k in (4, 8):
+        s = sae_lib.load(tmp_path / "run" / f"k{k}")
+        assert s.cfg["threshold_used"] == "calibrated" and s.cfg["calibration_tokens"] == 1000
+        assert float(s.threshold) == pytest.approx(s.cfg["threshold_calibrated"], rel=1e-6)
+        l0 = (s.encode(clean) != 0).sum(-1).double().mean().item()
+        assert l0 == pytest.approx(k, rel=0.01) and l0 == pytest.approx(s.cfg["calibration_l0"])
+        ema_l0 = (s.pre_acts(clean) > s.cfg["threshold_ema"]).sum(-1).double().mean().item()
+        assert s.cfg["threshold_ema"] > 0 and ema_l0 == pytest.approx(s.cfg["calibration_l0_ema"])
+        assert f"k{k}: on 1,000 clean val tokens EMA θ" in out
+
+
+def test_threshold_ema_reproduces_the_uncalibrated_export(tiny, tmp_path):
+    """threshold="ema" exports what train.py exported before calibration, byte for byte (the
+    checkpoint's last state, folded, saved), with the calibration only recorded in cfg.json; and
+    the training itself never depends on the setting."""
+    train.main(fast_settings(tiny, tmp_path / "ema", "--threshold=ema"))
+    train.main(fast_settings(tiny, tmp_path / "cal"))
+    state, meta = train._read(str(tmp_path / "ema" / "checkpoint" / "state.safetensors"))
+    for i, k in enumerate((4, 8)):
+        exported = sae_lib.load(tmp_path / "ema" / f"k{k}").cfg
+        s = sae_lib.SAE(exported["d_in"], 256, k=k, group_fractions=tuple(meta["config"]["group_fractions"]))
+        s.cfg = copy.deepcopy(exported)
+        s.cfg["scale"] = 1.0
+        s.load_state_dict({n[len(f"sae{i}."):]: v for n, v in state.items()
+                           if n.startswith(f"sae{i}.") and n[len(f"sae{i}."):] in s.state_dict()})
+        train.export_sae(s, meta["scale"], str(tmp_path / "before" / f"k{k}"))  # no calibration: as before
+        ema, before = tmp_path / "ema" / f"k{k}", tmp_path / "before" / f"k{k}"
+        assert (ema / "sae.safetensors").read_bytes() == (before / "sae.safetensors").read_bytes()
+        a, b = load_file(ema / "sae.safetensors"), load_file(tmp_path / "cal" / f"k{k}" / "sae.safetensors")
+        assert all(torch.equal(a[n], b[n]) for n in a if n != "threshold")
+        cal_cfg = sae_lib.load(tmp_path / "cal" / f"k{k}").cfg
+        assert float(a["threshold"]) == cal_cfg["threshold_ema"] != cal_cfg["threshold_calibrated"]
+        assert sae_lib.load(ema).cfg["threshold_used"] == "ema"
 
 
 def test_resume_refuses_a_changed_config_and_names_the_keys(tiny, tmp_path):
@@ -413,6 +464,7 @@ def test_torchrun_two_ranks_on_cpu_matches_one_process(tiny, tmp_path):
     ("--ks=[4, 0]", ConfigError, "positive"),
     ("--arch=jumprelu", ConfigError, "arch must be one of"),
     ("--llm_dtype=fp16", ConfigError, "llm_dtype must be one of"),
+    ("--threshold=mean", ConfigError, "threshold must be 'calibrated' or 'ema'"),
     ("--layer=9", ValueError, "layer 9 is out of range"),
     ("--mask_token=hello world", ValueError, "hello world"),
     ("--mask_token=<|endoftext|>", ValueError, "special ids"),

@@ -913,8 +913,8 @@ def best_single_latent_f1(f_train, y_train, f_test, y_test):
     """The one latent whose firing best predicts the letter: picked by F1 on the train words,
     its F1 on the test words. Returns (latent, test F1)."""
     def f1s(f, y):
-        active = (f.abs() > _EPS).double()
-        y = torch.as_tensor(np.asarray(y, bool)).double()
+        active = (f.abs() > _EPS).float()  # counts stay exact in float32 below 2^24 words
+        y = torch.as_tensor(np.asarray(y, bool)).float()
         return 2 * (active * y[:, None]).sum(0) / (active.sum(0) + y.sum()).clamp(min=1)
 
     best = int(f1s(f_train, y_train).argmax())

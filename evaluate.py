@@ -971,12 +971,13 @@ def absorption_replicates(per_letter, kept, cfg, key):
 
 
 def _absorption_summary(per_letter, cfg):
+    """§2.9's figures of absorption_of_sae's per_letter, the kept letters and their bootstraps."""
     r = aggregate_absorption(per_letter, cfg.absorption_probe_f1_gate)
     r["one_minus_mean_full_absorption"] = 1 - r["mean_full_absorption_score"]
     kept = [_LETTERS.index(c) for c in r["letters_kept"]]
     u = {key: absorption_replicates(per_letter, kept, cfg, key)
          for key in ("mean_full_absorption_score", "mean_absorption_fraction_score")}
-    flipped = [1 - v for v in u["mean_full_absorption_score"]["replicates"]]
+    flipped = [float(f"{1 - v:.6g}") for v in u["mean_full_absorption_score"]["replicates"]]
     u["one_minus_mean_full_absorption"] = dict(
         u["mean_full_absorption_score"], replicates=flipped,
         ci95=(None if u["mean_full_absorption_score"]["ci95"] is None
@@ -1680,19 +1681,49 @@ def ood_sae_auc(f_id, y_id, f_ood, y_ood, k, pool_rows=1500, per_class=512):
     return roc_auc(scores, y_ood), C
 
 
-def ood_replicates(tasks, cfg, key):
+def resampled_auc(scores, y):
+    """A function rows -> roc_auc(scores[rows], y[rows]) for the many row draws of a bootstrap: the
+    tie groups are found once, and each draw's AUC is the Mann-Whitney count of negatives below
+    each positive (ties half), by bincount instead of a sort."""
+    _, group = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    group, y = group.ravel(), np.asarray(y).astype(bool)
+    n_groups = int(group.max()) + 1 if len(group) else 0
+
+    def auc(rows):
+        g, positive = group[rows], y[rows]
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos == 0 or n_neg == 0:
+            return float("nan")
+        negatives = np.bincount(g[~positive], minlength=n_groups)
+        below = np.cumsum(negatives) - negatives
+        return float((below[g[positive]] + 0.5 * negatives[g[positive]]).sum() / (n_pos * n_neg))
+
+    return auc
+
+
+def ood_replicates(tasks, cfg, key, memo=None, owner=""):
     """uncertainty() of a mean over datasets of AUCs (key "oracle", "k<k>") or of the gap
     oracle − SAE ("gap_k<k>"), resampling OOD rows within their class. tasks: [(y_ood, scores)],
-    scores[key] the logits on the OOD rows."""
+    scores[name] the logits on the OOD rows. memo: {(owner, dataset, name, b): AUC} shared by
+    calls on the same datasets (replicate b is the same draw in each), so the oracle's AUCs (owner
+    "oracle") and each probe's (owner: whose latents) are computed once for every key and SAE."""
     strata = [np.flatnonzero(np.asarray(y) == c) for y, _ in tasks for c in (0, 1)]
+    names = ["oracle", key[4:]] if key.startswith("gap_") else [key]
+    aucs = [{name: resampled_auc(scores[name], y) for name in names} for y, scores in tasks]
+    memo = {} if memo is None else memo
+    replicate = iter(range(cfg.bootstrap_samples))
 
     def statistic(draws):
-        values = []
-        for t, (y, scores) in enumerate(tasks):
+        b, values = next(replicate), []
+        for t, auc in enumerate(aucs):
             rows = np.concatenate([strata[2 * t][draws[2 * t]], strata[2 * t + 1][draws[2 * t + 1]]])
-            def auc(name):
-                return roc_auc(scores[name][rows], np.asarray(y)[rows])
-            values.append(auc("oracle") - auc(key[4:]) if key.startswith("gap_") else auc(key))
+            got = {}
+            for name in names:
+                slot = ("oracle" if name == "oracle" else owner, t, name, b)
+                if slot not in memo:
+                    memo[slot] = auc[name](rows)
+                got[name] = memo[slot]
+            values.append(got["oracle"] - got[names[1]] if len(names) == 2 else got[key])
         return float(np.mean(values))
 
     return uncertainty(statistic, [len(s) for s in strata], cfg, "ood", "OOD rows within classes")
@@ -1726,7 +1757,7 @@ def run_ood(llm, saes, cfg):
         oracles[name] = (scores, C, roc_auc(scores, y_ood))
         print(f"  OOD {name}: {len(y_id)} ID (training pool) / {len(y_ood)} OOD rows, oracle AUC {oracles[name][2]:.3f}")
     x_clean = torch.cat([data[name, "id"][0] for name, _, _ in cfg.ood_tasks])
-    results = []
+    results, memo = [], {}  # the oracle's bootstrap AUCs, shared by every SAE
     for i, sae in enumerate(saes):
         null, target = null_for(sae, x_clean, cfg)
         per_task, boot, null_boot = {}, [], []
@@ -1748,11 +1779,11 @@ def run_ood(llm, saes, cfg):
             per_task[name] = entry
             boot.append((y_ood, scores))
             null_boot.append((y_ood, null_scores))
-        results.append(_ood_result(per_task, boot, null_boot, null, target, cfg))
+        results.append(_ood_result(per_task, boot, null_boot, null, target, cfg, memo))
     return results
 
 
-def _ood_result(per_task, boot, null_boot, null, target, cfg):
+def _ood_result(per_task, boot, null_boot, null, target, cfg, memo=None):
     oracle = float(np.mean([t["oracle_auc"] for t in per_task.values()]))
     r = dict(oracle_auc=oracle)
     for k in cfg.ood_ks:
@@ -1763,7 +1794,10 @@ def _ood_result(per_task, boot, null_boot, null, target, cfg):
     keys = ["oracle"] + [f"{p}k{k}" for k in cfg.ood_ks for p in ("", "gap_")]
     names = {key: "oracle_auc" if key == "oracle" else key if key.startswith("gap_") else f"sae_auc_{key}"
              for key in keys}
-    r["uncertainty"] = {names[key]: ood_replicates(boot, cfg, key) for key in keys}
+    memo = {} if memo is None else memo
+    for slot in [slot for slot in memo if slot[0] != "oracle"]:  # the previous SAE's: start afresh
+        del memo[slot]
+    r["uncertainty"] = {names[key]: ood_replicates(boot, cfg, key, memo, "sae") for key in keys}
     if null is not None:
         values = {}
         for k in cfg.ood_ks:
@@ -1771,7 +1805,8 @@ def _ood_result(per_task, boot, null_boot, null, target, cfg):
             values[f"gap_k{k}"] = oracle - values[f"sae_auc_k{k}"]
         r["null"] = _null_record(values, target, "random unit decoder rows, encoder = decoder^T, threshold at "
                                                  "the SAE's L0 on the ID rows' last tokens (every dataset)")
-        r["null_uncertainty"] = {names[key]: ood_replicates(null_boot, cfg, key) for key in keys if key != "oracle"}
+        r["null_uncertainty"] = {names[key]: ood_replicates(null_boot, cfg, key, memo, "null")
+                                 for key in keys if key != "oracle"}
     # the oracle's interval per dataset: its scores do not depend on the SAE, nor do the draws
     flagged = []
     for t, (name, entry) in enumerate(per_task.items()):

@@ -206,3 +206,13 @@ def test_ablation_replicates_reweight_the_test_texts():
     for replicate in u["replicates"]:
         rows = np.concatenate([s[rng.integers(0, 3, 3)] for s in strata])
         assert replicate == pytest.approx(good[rows].mean(), rel=1e-5)
+
+
+def test_resampled_auc_is_roc_auc_on_the_drawn_rows():
+    rng = np.random.default_rng(3)
+    scores, y = np.round(rng.normal(size=60), 1), rng.integers(0, 2, 60)  # rounded: many ties
+    auc = ev.resampled_auc(scores, y)
+    for _ in range(20):
+        rows = rng.integers(0, 60, 60)
+        assert auc(rows) == pytest.approx(ev.roc_auc(scores[rows], y[rows]), abs=1e-12)
+    assert math.isnan(auc(np.flatnonzero(y == 1)))

@@ -485,14 +485,15 @@ def f1_score(predicted, actual):
 
 
 def accuracy(w, b, x, y, weights=None):
-    """Accuracy of the linear probe logit = x·w + b > 0 (probability 0.5); with weights (one per
-    row: how often a bootstrap drew it), the weighted accuracy."""
+    """Accuracy of the linear probe logit = x·w + b > 0 (probability 0.5). weights (n,) (how often
+    a bootstrap drew each row): the weighted accuracy; (n_boot, n): one per replicate, an array."""
     logits = torch.as_tensor(x, dtype=torch.float64) @ torch.as_tensor(w, dtype=torch.float64) + float(b)
     correct = ((logits > 0) == torch.as_tensor(y).bool()).double()
     if weights is None:
         return float(correct.mean())
     weights = torch.as_tensor(weights, dtype=torch.float64)
-    return float(correct @ weights / weights.sum()) if weights.sum() > 0 else float("nan")
+    values = (weights @ correct / weights.sum(-1)).numpy()  # a replicate that drew no row: nan
+    return float(values) if values.ndim == 0 else values
 
 
 @contextlib.contextmanager
@@ -1396,7 +1397,7 @@ def scr_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, m
     of each test text (None: each once). Returns {N: dict(scr, dir1, dir2)}."""
     def acc(probe, x, split):
         idx, y = split
-        return accuracy(*probe, x[idx], y, None if weights is None else weights[np.asarray(idx)])
+        return accuracy(*probe, x[idx], y, None if weights is None else weights[..., np.asarray(idx)])
 
     clean = {name: acc(probes[name], x_test, splits[name][1]) for name in ("attribute", "class")}
     biased_on = {name: acc(probes["biased"], x_test, splits[name][1]) for name in ("attribute", "class")}
@@ -1411,10 +1412,18 @@ def scr_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, m
             x_ablated = ablate(x_test, latents_test, W_dec, top_n_latents(effects[ablated], n))
             denominator = clean[measured] - biased_on[measured]
             changed = acc(probes["biased"], x_ablated, splits[measured][1])
-            score[direction] = ((changed - biased_on[measured]) / denominator
-                                if denominator >= min_denominator else 0.0)
-        chosen = 1 if biased_on["class"] < biased_on["attribute"] else 2
-        results[n] = dict(scr=score[chosen], dir1=score[1], dir2=score[2])
+            if weights is None or np.ndim(weights) == 1:
+                score[direction] = ((changed - biased_on[measured]) / denominator
+                                    if denominator >= min_denominator else 0.0)
+            else:  # one score per bootstrap replicate
+                usable = denominator >= min_denominator
+                score[direction] = np.where(usable, (changed - biased_on[measured]) / np.where(usable, denominator, 1), 0.0)
+        if np.ndim(score[1]) == 0:
+            chosen = 1 if biased_on["class"] < biased_on["attribute"] else 2
+            results[n] = dict(scr=score[chosen], dir1=score[1], dir2=score[2])
+        else:
+            results[n] = dict(scr=np.where(biased_on["class"] < biased_on["attribute"], score[1], score[2]),
+                              dir1=score[1], dir2=score[2])
     return results
 
 
@@ -1456,20 +1465,32 @@ def scr_data(llm, cfg, run):
     return acts, pooled, splits
 
 
+def _float_or_array(v):
+    return float(v) if np.ndim(v) == 0 else np.asarray(v)
+
+
 def ablation_replicates(args, score, cfg, metric, unit):
     """uncertainty() of SCR's / TPP's headline (mean over runs or tasks at N = headline_n),
     resampling test texts within their cells / classes. args[j] = (score's arguments for run j
-    up to W_dec, its strata: arrays of positions into its pooled test texts)."""
+    up to W_dec, its strata: arrays of positions into its pooled test texts). The ablations do
+    not depend on the draw, so score() runs once per run on all replicates' text counts at once
+    (weights (n_boot, n_test)); the draws are bootstrap()'s, so replicate b pairs across SAEs."""
     flat = [(j, positions) for j, (*_, strata) in enumerate(args) for positions in strata]
+    sizes = [len(p) for _, p in flat]
+    weights = [[] for _ in args]
 
-    def statistic(draws):
-        weights = [np.zeros(len(a[2])) for a in args]  # a[2]: the pooled test texts
+    def collect(draws):
+        counts = [np.zeros(len(a[2])) for a in args]  # a[2]: the pooled test texts
         for (j, positions), draw in zip(flat, draws):
-            np.add.at(weights[j], positions[draw], 1)
-        return float(np.mean([score(*a[:-1], [cfg.headline_n], weights=w)[cfg.headline_n][metric]
-                              for a, w in zip(args, weights)]))
+            np.add.at(counts[j], positions[draw], 1)
+        for j, c in enumerate(counts):
+            weights[j].append(c)
+        return 0.0
 
-    return uncertainty(statistic, [len(p) for _, p in flat], cfg, metric, unit)
+    bootstrap(collect, sizes, cfg.bootstrap_samples, bootstrap_seed(cfg, metric))
+    values = iter(np.mean([score(*a[:-1], [cfg.headline_n], weights=np.array(w))[cfg.headline_n][metric]
+                           for a, w in zip(args, weights)], axis=0))
+    return uncertainty(lambda draws: float(next(values)), sizes, cfg, metric, unit)
 
 
 def run_scr(llm, saes, cfg):
@@ -1514,7 +1535,7 @@ def tpp_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, w
     Returns {N: dict(tpp, intended, unintended)}."""
     def acc(c, x):
         idx, y = splits[c][1]
-        return accuracy(*probes[c], x[idx], y, None if weights is None else weights[np.asarray(idx)])
+        return accuracy(*probes[c], x[idx], y, None if weights is None else weights[..., np.asarray(idx)])
 
     classes = list(probes)
     clean = {c: acc(c, x_test) for c in classes}
@@ -1527,9 +1548,10 @@ def tpp_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, w
             x_ablated = ablate(x_test, latents_test, W_dec, top_n_latents(effects, n))
             ablated = {j: acc(j, x_ablated) for j in classes}
             intended.append(clean[i] - ablated[i])
-            unintended.append(np.mean([clean[j] - ablated[j] for j in classes if j != i]))
-        results[n] = dict(tpp=float(np.mean(intended) - np.mean(unintended)),
-                          intended=float(np.mean(intended)), unintended=float(np.mean(unintended)))
+            unintended.append(np.mean([clean[j] - ablated[j] for j in classes if j != i], axis=0))
+        intended, unintended = np.mean(intended, axis=0), np.mean(unintended, axis=0)  # per replicate with 2-D weights
+        results[n] = dict(tpp=_float_or_array(intended - unintended), intended=_float_or_array(intended),
+                          unintended=_float_or_array(unintended))
     return results
 
 

@@ -199,7 +199,7 @@ def test_ablation_replicates_reweight_the_test_texts():
     cfg = settings(bootstrap_samples=30, headline_n=20)
 
     def score(x, ns, weights=None):
-        return {n: dict(scr=float(weights @ good / weights.sum())) for n in ns}
+        return {n: dict(scr=weights @ good / weights.sum(-1)) for n in ns}  # weights: (n_boot, n_test)
 
     u = ev.ablation_replicates([(None, None, good, strata)], lambda *a, **k: score(a[2], a[-1], **k), cfg, "scr", "t")
     rng = np.random.default_rng(ev.bootstrap_seed(cfg, "scr"))
@@ -216,3 +216,33 @@ def test_resampled_auc_is_roc_auc_on_the_drawn_rows():
         rows = rng.integers(0, 60, 60)
         assert auc(rows) == pytest.approx(ev.roc_auc(scores[rows], y[rows]), abs=1e-12)
     assert math.isnan(auc(np.flatnonzero(y == 1)))
+
+
+@pytest.mark.parametrize("metric", ["scr", "tpp"])
+def test_scr_and_tpp_replicates_are_the_score_on_each_draws_text_counts(metric):
+    """All replicates at once (2-D weights) give what the score gives on each draw's counts alone."""
+    rng = np.random.default_rng(1)
+    d, F, n = 8, 12, 40
+    x_train, x_test = torch.randn(n, d), torch.randn(n, d)
+    f_train, f_test = torch.relu(torch.randn(n, F)), torch.relu(torch.randn(n, F))
+    W_dec = torch.randn(F, d)
+    if metric == "scr":
+        names, score = ("attribute", "class", "biased"), ev.scr_scores
+    else:
+        names, score = ("a", "b", "c"), ev.tpp_scores
+    labels = np.repeat(np.arange(4), n // 4)
+    splits = {name: ((torch.as_tensor(rng.permutation(n)[:20]), torch.as_tensor(rng.random(20) < 0.5)),
+                     (torch.as_tensor(rng.permutation(n)[:30]), torch.as_tensor(rng.random(30) < 0.5)))
+              for name in names}
+    probes = {name: (torch.randn(d), 0.1) for name in names}
+    strata = [np.flatnonzero(labels == c) for c in range(4)]
+    cfg = settings(bootstrap_samples=25, headline_n=3)
+    args = (probes, splits, x_test, f_train, f_test, W_dec)
+    u = ev.ablation_replicates([args + (strata,)], score, cfg, metric, "texts")
+    draws = np.random.default_rng(ev.bootstrap_seed(cfg, metric))
+    for replicate in u["replicates"]:
+        weights = np.zeros(n)
+        for s in strata:
+            np.add.at(weights, s[draws.integers(0, len(s), len(s))], 1)
+        assert replicate == pytest.approx(score(*args, [3], weights=weights)[3][metric], rel=1e-5, abs=1e-9)
+    assert np.isfinite(u["replicates"]).all() and u["se"] > 0

@@ -1074,7 +1074,7 @@ def absorption_result(sae, h, cfg):
     r["diagnostics"] = _absorption_diagnostics(per_letter, kept, cfg, margin)
     r["validity"] = _absorption_validity(r, cfg)
     if cfg.absorption_sensitivity:
-        r["sensitivity"] = _absorption_sensitivity(sae, h, cfg)
+        r["sensitivity"], r["sensitivity_how"] = _absorption_sensitivity(sae, h, cfg)
     r["per_letter"] = {_LETTERS[c]: {key: v for key, v in d.items() if key not in ("full", "fraction", "absorber_cos")}
                        for c, d in per_letter.items()}
     return r
@@ -1130,7 +1130,8 @@ def _interval(ci):
 
 def _absorption_sensitivity(sae, h, cfg):
     """Mean full absorption under the choices that move it without any change in absorption
-    (README: absorption), each a separate computation; SAEBench's figure stays the primary one."""
+    (README: absorption), each a separate computation; SAEBench's figure stays the primary one.
+    Returns ({row: mean full absorption}, one line saying how)."""
     f_train = encode(sae, h.x_train, cfg.sae_batch_tokens)
     active = f_train[f_train != 0]
     scale = float(active.abs().mean()) if len(active) else 1.0
@@ -1141,9 +1142,9 @@ def _absorption_sensitivity(sae, h, cfg):
     for name, kwargs in rows.items():
         r = aggregate_absorption(absorption_of_sae(sae, h, cfg, **kwargs), cfg.absorption_probe_f1_gate)
         out[name] = r["mean_full_absorption_score"]
-    out["how"] = ("centred: P = (x − mean of the train prompts)·p; scale: latents / their mean non-zero "
-                  f"value on the train prompts ({scale:.4g}) in the k-sparse probe; seed: eval_seed + 1")
-    return out
+    how = ("centred: P = (x − mean of the train prompts)·p; scale: latents / their mean non-zero "
+           f"value on the train prompts ({scale:.4g}) in the k-sparse probe; seed: eval_seed + 1")
+    return out, how
 
 
 # -----------------------------------------------------------------------------
@@ -1315,8 +1316,8 @@ def run_sparse_probing(llm, saes, cfg):
         if null is None:
             reasons.append("no null (the SAE is silent on the probing texts)")
         else:
-            keys = [f"sae_top_{k}_test_accuracy" for k in cfg.probing_ks]
-            r["null"] = _null_record({key: float(np.mean([t["null" + key[3:]] for t in tasks.values()])) for key in keys},
+            null_keys = [f"sae_top_{k}_test_accuracy" for k in cfg.probing_ks]
+            r["null"] = _null_record({key: float(np.mean([t["null" + key[3:]] for t in tasks.values()])) for key in null_keys},
                                      target, "random unit decoder rows, encoder = decoder^T, threshold at the SAE's "
                                              "L0 on the first probing task's train-text tokens")
             r["null_uncertainty"] = {f"sae_top_{k}_test_accuracy": probing_replicates(b["null"], cfg, k)

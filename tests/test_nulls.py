@@ -247,3 +247,38 @@ def test_scr_and_tpp_replicates_are_the_score_on_each_draws_text_counts(metric):
             np.add.at(weights, s[draws.integers(0, len(s), len(s))], 1)
         assert replicate == pytest.approx(score(*args, [3], weights=weights)[3][metric], rel=1e-5, abs=1e-9)
     assert np.isfinite(u["replicates"]).all() and u["se"] > 0
+
+
+def planted_probing(monkeypatch, n_per_class=100, d=64):
+    """Two classes of one-token texts, x = 3·e_class + N(0, 1); the SAE's latent c reads e_c."""
+    rng = np.random.default_rng(5)
+
+    def texts(n):
+        labels = ["a"] * n + ["b"] * n
+        x = torch.tensor(rng.normal(size=(2 * n, d)), dtype=torch.float32)
+        x[:n, 0] += 3
+        x[n:, 1] += 3
+        return SimpleNamespace(acts=x, counts=torch.ones(2 * n, dtype=torch.long), pooled=x, labels=labels)
+
+    train, test = texts(2 * n_per_class), texts(n_per_class)
+    splits = {c: (ev.one_vs_rest(train.labels, c, rng), ev.one_vs_rest(test.labels, c, rng)) for c in "ab"}
+    monkeypatch.setattr(ev, "probing_data", lambda llm, cfg, task, name: (train, test, splits))
+    s = sae_lib.SAE(d, d, arch="batchtopk", k=2)
+    with torch.no_grad():
+        s.W_dec.copy_(torch.eye(d)), s.W_enc.copy_(torch.eye(d)), s.b_enc.zero_(), s.b_dec.zero_(), s.threshold.fill_(1.5)
+    return s, train
+
+
+def test_sparse_probing_a_letter_sae_is_above_its_null_and_a_null_is_at_it(monkeypatch):
+    s, train = planted_probing(monkeypatch)
+    cfg = settings(probing_tasks=[("planted", "none", ["a", "b"])], probing_ks=[1])
+    r = ev.run_sparse_probing(None, [s], cfg)[0]
+    assert r["sae_top_1_test_accuracy"] > 0.9 and r["validity"] == dict(testable=True, reasons=[])
+    assert r["null"]["l0"] == pytest.approx(ev.l0(ev.encode(s, train.acts)))
+    assert r["null"]["sae_top_1_test_accuracy"] < r["sae_top_1_test_accuracy"] - 0.1
+    u, n = r["uncertainty"]["sae_top_1_test_accuracy"], r["null_uncertainty"]["sae_top_1_test_accuracy"]
+    assert u["unit"] == "test texts within classes" and len(u["replicates"]) == len(n["replicates"]) == 200
+    null = ev.null_for(s, train.acts, cfg)[0]
+    r_null = ev.run_sparse_probing(None, [null], cfg)[0]
+    assert r_null["sae_top_1_test_accuracy"] == pytest.approx(r_null["null"]["sae_top_1_test_accuracy"])
+    assert not r_null["validity"]["testable"] and "not clearly above its null" in r_null["validity"]["reasons"][0]

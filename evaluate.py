@@ -60,6 +60,7 @@ import os
 import random
 import time
 import uuid
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,6 +96,7 @@ sae_dtype = "float32"              # SAEBench casts the SAE to the LLM dtype: "b
 llm_batch_rows = 32                # rows per LLM forward when harvesting probe data
 sae_batch_tokens = 4096            # tokens per SAE encode call
 eval_seed = 42                     # SAEBench's seed (§0); train.py's `seed` is another setting
+bootstrap_samples = 1000           # resamples of each metric's evaluation sample (§0: sampling error)
 # core (§1)
 core_dataset = "val"               # "val" = tokens_dir/val.bin; else a text dataset folder ("openwebtext")
 core_ctx = 128                     # BOS + 127 tokens per row
@@ -113,6 +115,8 @@ absorption_cos_full = 0.025
 absorption_cos_fraction = 0.1
 absorption_projection_share = 0.4
 absorption_max_absorbers = 3
+absorption_min_main_f1 = 0.5       # validity: main latents' mean F1 against the letter labels below this = untestable
+absorption_sensitivity = True      # + the score under centred P, scale-normalised probe latents, another probe seed
 # sparse probing (§3): (task name, dataset folder, classes)
 probing_tasks = [  # AG News topics (the wheel's class names corrected: prepare.py)
     ("ag_news_topics", "sae_probes_news", ["business", "scitech", "sports", "world"])]
@@ -144,6 +148,7 @@ ood_train_per_class = 150
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _EPS = 1e-8                        # §2: a main latent with |a| below this is silent
 _PROMPT_SUFFIX = " has the first letter:"
+_NULL_TOKENS = 16_384              # §0: tokens on which a null's L0 is matched and its threshold set
 
 
 def _progress(desc, done, total, t0):
@@ -212,6 +217,45 @@ def null_sae(sae, x, target_l0, seed=0):
     null.threshold.fill_(sae_lib.calibrate_threshold(null, x, target_l0)[0])
     null.cfg.update(null=True, null_target_l0=float(target_l0))
     return null.to(sae.W_enc.device, sae.W_enc.dtype).eval()
+
+
+def bootstrap_seed(cfg, metric):
+    """The bootstrap seed of one metric: eval_seed and the metric's name only, never the SAE, so
+    replicate b is the same resample for every SAE (and for its null) and arms pair by replicate."""
+    return int(np.random.SeedSequence([cfg.eval_seed, zlib.crc32(metric.encode())]).generate_state(1)[0])
+
+
+def uncertainty(statistic, sizes, cfg, metric, unit):
+    """bootstrap() of one headline number as eval.json holds it: se, ci95, n_boot, what was
+    resampled, and the replicates rounded to 6 significant digits."""
+    b = bootstrap(statistic, sizes, cfg.bootstrap_samples, bootstrap_seed(cfg, metric))
+    b["unit"] = unit
+    b["replicates"] = [float(f"{v:.6g}") for v in b["replicates"]]
+    return b
+
+
+def paired_interval(a, b):
+    """95% percentile interval of a − b over paired bootstrap replicates (same resample b in both),
+    None when fewer than two replicates are finite in both."""
+    d = np.asarray(a["replicates"], dtype=np.float64) - np.asarray(b["replicates"], dtype=np.float64)
+    d = d[np.isfinite(d)]
+    return [float(v) for v in np.percentile(d, [2.5, 97.5])] if len(d) >= 2 else None
+
+
+@torch.no_grad()
+def null_for(sae, x, cfg):
+    """(null SAE, its target L0): null_sae() at the SAE's own mean L0 on x (a metric's clean
+    activations), seeded by eval_seed only, so every SAE of one width gets the same random
+    directions. (None, L0) when the SAE is silent on x (no L0 to match)."""
+    x = x[:_NULL_TOKENS]  # the first tokens: calibration holds their pre-activations in memory
+    target = l0(encode(sae, x, cfg.sae_batch_tokens)) if len(x) else 0.0
+    if target <= 0:
+        return None, target
+    return null_sae(sae, x.float(), target, seed=cfg.eval_seed), target
+
+
+def _null_record(values, target, how):
+    return {**values, "l0": target, "how": how}
 
 
 # -----------------------------------------------------------------------------
@@ -422,10 +466,16 @@ def f1_score(predicted, actual):
     return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
 
 
-def accuracy(w, b, x, y):
-    """Accuracy of the linear probe logit = x·w + b > 0 (probability 0.5)."""
+def accuracy(w, b, x, y, weights=None):
+    """Accuracy of the linear probe logit = x·w + b > 0 (probability 0.5). weights (n,) (how often
+    a bootstrap drew each row): the weighted accuracy; (n_boot, n): one per replicate, an array."""
     logits = torch.as_tensor(x, dtype=torch.float64) @ torch.as_tensor(w, dtype=torch.float64) + float(b)
-    return float(((logits > 0) == torch.as_tensor(y).bool()).double().mean())
+    correct = ((logits > 0) == torch.as_tensor(y).bool()).double()
+    if weights is None:
+        return float(correct.mean())
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    values = (weights @ correct / weights.sum(-1)).numpy()  # a replicate that drew no row: nan
+    return float(values) if values.ndim == 0 else values
 
 
 @contextlib.contextmanager
@@ -790,16 +840,24 @@ def k_sparse_main_latents(f_train, letters_train, f_test, letters_test, evaluate
     return result
 
 
-def word_absorption(x, latents, probe_direction, W_dec, main_latents, cos_full=0.025,
-                    cos_fraction=0.1, projection_share=0.4, max_absorbers=3):
-    """§2.6-8 for the words of one letter. x (n, d) residuals at the word, latents = encode(x)
-    (n, F), probe_direction (d,) the letter's ground-truth probe row, W_dec (F, d).
-    Returns (full absorption (n,) bool, absorption fraction (n,) float64)."""
-    x, latents, W_dec = x.double(), latents.double(), W_dec.double()
+def probe_cosines(W_dec, probe_direction):
+    """cos(p, W_dec[f]) for every latent f (F,), float64."""
+    W_dec = W_dec.double()
     p = probe_direction.double() / probe_direction.double().norm()
-    cos = (W_dec @ p) / W_dec.norm(dim=1).clamp(min=1e-12)    # cos(p, W_dec[f])
+    return (W_dec @ p) / W_dec.norm(dim=1).clamp(min=1e-12)
+
+
+def word_absorption(x, latents, probe_direction, W_dec, main_latents, cos_full=0.025,
+                    cos_fraction=0.1, projection_share=0.4, max_absorbers=3, centre=None):
+    """§2.6-8 for the words of one letter. x (n, d) residuals at the word, latents = encode(x)
+    (n, F), probe_direction (d,) the letter's ground-truth probe row, W_dec (F, d). centre (d,):
+    the sensitivity row's P = (x − centre)·p; SAEBench's (None) projects raw x.
+    Returns (full absorption (n,) bool, absorption fraction (n,) float64)."""
+    x, latents = x.double(), latents.double()
+    p = probe_direction.double() / probe_direction.double().norm()
+    cos = probe_cosines(W_dec, probe_direction)                # cos(p, W_dec[f])
     projection = latents * cos                                 # proj_f = a_f·cos_f
-    P = x @ p                                                  # raw x: no bias, no centring
+    P = x @ p if centre is None else (x - centre.double()) @ p  # SAEBench: raw x, no bias, no centring
     main = torch.as_tensor(main_latents, dtype=torch.long)
     is_main = torch.zeros(len(cos), dtype=torch.bool)
     is_main[main] = True
@@ -833,7 +891,99 @@ def aggregate_absorption(per_letter, f1_gate=0.6):
                 letters_kept=[_LETTERS[c] for c in kept])
 
 
+def latent_f1(active, y):
+    """F1, precision and recall of "any of these latents fires" (active (n,) bool) against the
+    ground-truth letter labels y (n,) bool."""
+    active, y = np.asarray(active, bool), np.asarray(y, bool)
+    tp = int(np.sum(active & y))
+    precision = tp / int(active.sum()) if active.any() else 0.0
+    recall = tp / int(y.sum()) if y.any() else 0.0
+    return dict(f1=f1_score(active, y), precision=precision, recall=recall)
+
+
+def best_single_latent_f1(f_train, y_train, f_test, y_test):
+    """The one latent whose firing best predicts the letter: picked by F1 on the train words,
+    its F1 on the test words. Returns (latent, test F1)."""
+    def f1s(f, y):
+        active = (f.abs() > _EPS).float()  # counts stay exact in float32 below 2^24 words
+        y = torch.as_tensor(np.asarray(y, bool)).float()
+        return 2 * (active * y[:, None]).sum(0) / (active.sum(0) + y.sum()).clamp(min=1)
+
+    best = int(f1s(f_train, y_train).argmax())
+    return best, float(f1s(f_test[:, best:best + 1], y_test)[0])
+
+
+def absorption_of_sae(sae, h, cfg, seed=None, scale=1.0, centre=None):
+    """§2.3-8 for one SAE on the shared harvest h (run_absorption): main latents by the k-sparse
+    probe on the latents divided by `scale`, then per letter the words' full absorption and
+    fraction, the main latents' F1 against the ground-truth labels on the test words, and the
+    cosine with the probe of each fully absorbed word's top projector. SAEBench's figure is
+    seed = eval_seed, scale = 1, centre = None. Returns {letter index: dict}."""
+    f_train, f_test = encode(sae, h.x_train, cfg.sae_batch_tokens), encode(sae, h.x_test, cfg.sae_batch_tokens)
+    main = k_sparse_main_latents(f_train / scale, h.letters_train, f_test / scale, h.letters_test, h.evaluated,
+                                 cfg.absorption_max_k, cfg.absorption_f1_jump,
+                                 cfg.eval_seed if seed is None else seed)
+    f_words = encode(sae, h.x_words, cfg.sae_batch_tokens)
+    W_dec = sae.W_dec.detach().float().cpu()
+    per_letter = {}
+    for c in h.evaluated:
+        rows = h.letters_words == c
+        full, fraction = torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
+        absorber_cos = []
+        if rows.any():
+            full, fraction = word_absorption(h.x_words[rows], f_words[rows], h.probe_w[c], W_dec, main[c][0],
+                                             cfg.absorption_cos_full, cfg.absorption_cos_fraction,
+                                             cfg.absorption_projection_share, cfg.absorption_max_absorbers,
+                                             centre)
+            cos = probe_cosines(W_dec, h.probe_w[c])
+            top = (f_words[rows].double() * cos).argmax(1)
+            absorber_cos = cos[top[full]].tolist()
+        y_test = h.letters_test == c
+        main_fires = (f_test[:, main[c][0]].abs() > _EPS).any(1).numpy() if main[c][0] else np.zeros(len(y_test), bool)
+        best, best_f1 = best_single_latent_f1(f_train, h.letters_train == c, f_test, y_test)
+        letter_words = [w for _, w, letter in h.words if letter == c]
+        per_letter[c] = dict(f1_probe=h.f1_probe[c], n_tp=int(rows.sum()), n_full=int(full.sum()),
+                             fraction_sum=float(fraction.sum()), n_main=len(main[c][0]),
+                             main_latents=main[c][0], k_sparse_f1=main[c][1],
+                             absorbed_words=[w for w, a in zip(letter_words, full) if a],
+                             main_latents_vs_labels=latent_f1(main_fires, y_test),
+                             best_single_latent=best, best_single_latent_f1=best_f1,
+                             full=full.numpy(), fraction=fraction.numpy(), absorber_cos=absorber_cos)
+    return per_letter
+
+
+def absorption_replicates(per_letter, kept, cfg, key):
+    """uncertainty() of a §2.9 mean over the kept letters, resampling words within letters."""
+    arrays = [per_letter[c]["full" if key == "mean_full_absorption_score" else "fraction"] for c in kept]
+
+    def statistic(draws):
+        return float(np.mean([a[i].mean() for a, i in zip(arrays, draws)])) if arrays else float("nan")
+
+    return uncertainty(statistic, [len(a) for a in arrays], cfg, "absorption", "words within letters")
+
+
+def _absorption_summary(per_letter, cfg):
+    """§2.9's figures of absorption_of_sae's per_letter, the kept letters and their bootstraps."""
+    r = aggregate_absorption(per_letter, cfg.absorption_probe_f1_gate)
+    r["one_minus_mean_full_absorption"] = 1 - r["mean_full_absorption_score"]
+    kept = [_LETTERS.index(c) for c in r["letters_kept"]]
+    u = {key: absorption_replicates(per_letter, kept, cfg, key)
+         for key in ("mean_full_absorption_score", "mean_absorption_fraction_score")}
+    flipped = [float(f"{1 - v:.6g}") for v in u["mean_full_absorption_score"]["replicates"]]
+    u["one_minus_mean_full_absorption"] = dict(
+        u["mean_full_absorption_score"], replicates=flipped,
+        ci95=(None if u["mean_full_absorption_score"]["ci95"] is None
+              else [1 - v for v in reversed(u["mean_full_absorption_score"]["ci95"])]))
+    return r, kept, u
+
+
+_ABSORPTION_KEYS = ("mean_full_absorption_score", "one_minus_mean_full_absorption", "mean_absorption_fraction_score")
+
+
 def run_absorption(llm, saes, cfg):
+    """§2 on every SAE, each beside its null (null_sae at the SAE's L0 on the train prompts' word
+    positions), with a bootstrap over words within letters, diagnostics that say whether the
+    latents find the letters at all, and a validity verdict (README: absorption)."""
     vocabulary = absorption_vocabulary(llm.tokenizer)
     rng = random.Random(cfg.eval_seed)
     if 0 < cfg.absorption_max_words < len(vocabulary):
@@ -873,44 +1023,119 @@ def run_absorption(llm, saes, cfg):
     print(f"  absorption: {len(letters_train)}/{len(letters_test)} train/test prompts "
           f"({dropped} dropped: word not one token in context), {len(letters_words)} probe "
           f"true positives, {passing} letters with probe F1 > {cfg.absorption_probe_f1_gate}")
+    h = SimpleNamespace(x_train=x_train, letters_train=letters_train, x_test=x_test, letters_test=letters_test,
+                        evaluated=evaluated, x_words=x_words, letters_words=letters_words, words=words,
+                        probe_w=probe_w, f1_probe=f1_probe)
     results = []
     for i, sae in enumerate(saes):
         print(f"  absorption: SAE {i + 1}/{len(saes)}", flush=True)
-        main = k_sparse_main_latents(encode(sae, x_train, cfg.sae_batch_tokens), letters_train,
-                                     encode(sae, x_test, cfg.sae_batch_tokens), letters_test, evaluated,
-                                     cfg.absorption_max_k, cfg.absorption_f1_jump, cfg.eval_seed)
-        per_letter = {}
-        for c in evaluated:
-            rows = letters_words == c
-            full, fraction = torch.zeros(0, dtype=torch.bool), torch.zeros(0)
-            if rows.any():
-                full, fraction = word_absorption(
-                    x_words[rows], encode(sae, x_words[rows], cfg.sae_batch_tokens), probe_w[c],
-                    sae.W_dec.detach().float().cpu(), main[c][0], cfg.absorption_cos_full,
-                    cfg.absorption_cos_fraction, cfg.absorption_projection_share,
-                    cfg.absorption_max_absorbers)
-            letter_words = [w for _, w, letter in words if letter == c]
-            per_letter[c] = dict(f1_probe=f1_probe[c], n_tp=int(rows.sum()), n_full=int(full.sum()),
-                                 fraction_sum=float(fraction.sum()), n_main=len(main[c][0]),
-                                 main_latents=main[c][0], k_sparse_f1=main[c][1],
-                                 absorbed_words=[w for w, a in zip(letter_words, full) if a])
-        r = aggregate_absorption(per_letter, cfg.absorption_probe_f1_gate)
-        r["one_minus_mean_full_absorption"] = 1 - r["mean_full_absorption_score"]
-        r["n_letters_kept"] = len(r["letters_kept"])
-        if not r["letters_kept"]:
-            r["null_reasons"] = {key: f"no letter's ground-truth probe reaches F1 > {cfg.absorption_probe_f1_gate}"
-                                 for key in ("mean_full_absorption_score", "mean_absorption_fraction_score",
-                                             "mean_num_split_features", "one_minus_mean_full_absorption")}
+        r = absorption_result(sae, h, cfg)
         r["letters_skipped_too_few_tokens"] = skipped
         r["prompts_dropped"] = dropped
-        r["per_letter"] = {_LETTERS[c]: v for c, v in per_letter.items()}
         if r["n_letters_kept"] < cfg.absorption_min_letters:
             r["warning"] = (f"only {r['n_letters_kept']} letters pass the probe-F1 gate (SAEBench wants "
                             f"{cfg.absorption_min_letters}; it calls the eval meaningful for models "
                             f">= 1B with >= 16k latents)")
             print(f"  WARNING: absorption: {r['warning']}")
+        if "null" in r:
+            print(f"  absorption: mean full absorption {r['mean_full_absorption_score']:.3f} "
+                  f"(null {r['null']['mean_full_absorption_score']:.3f}); "
+                  f"{'testable' if r['validity']['testable'] else 'untestable: ' + '; '.join(r['validity']['reasons'])}")
         results.append(r)
     return results
+
+
+def absorption_result(sae, h, cfg):
+    """One SAE's §2 result on the harvest h: SAEBench's figures, their bootstrap, the null's,
+    diagnostics, validity and (absorption_sensitivity) the sensitivity rows."""
+    per_letter = absorption_of_sae(sae, h, cfg)
+    r, kept, u = _absorption_summary(per_letter, cfg)
+    r["uncertainty"] = u
+    r["n_letters_kept"] = len(r["letters_kept"])
+    if not r["letters_kept"]:
+        r["null_reasons"] = {key: f"no letter's ground-truth probe reaches F1 > {cfg.absorption_probe_f1_gate}"
+                             for key in _ABSORPTION_KEYS + ("mean_num_split_features",)}
+    null, target = null_for(sae, h.x_train, cfg)
+    if null is not None:
+        null_r, _, r["null_uncertainty"] = _absorption_summary(absorption_of_sae(null, h, cfg), cfg)
+        r["null"] = _null_record({key: null_r[key] for key in _ABSORPTION_KEYS}, target,
+                                 "random unit decoder rows, encoder = decoder^T, threshold at the SAE's "
+                                 "L0 on the absorption train prompts' word positions")
+    margin = 2 / math.sqrt(h.x_train.shape[1])  # 2 σ of the cosine of two random directions in d dimensions
+    r["diagnostics"] = _absorption_diagnostics(per_letter, kept, cfg, margin)
+    r["validity"] = _absorption_validity(r, cfg)
+    if cfg.absorption_sensitivity:
+        r["sensitivity"], r["sensitivity_how"] = _absorption_sensitivity(sae, h, cfg)
+    r["per_letter"] = {_LETTERS[c]: {key: v for key, v in d.items() if key not in ("full", "fraction", "absorber_cos")}
+                       for c, d in per_letter.items()}
+    return r
+
+
+def _absorption_diagnostics(per_letter, kept, cfg, margin):
+    """Whether the latents find the letters at all (kept letters): the main latents' F1 /
+    precision / recall against the ground-truth labels, the best single latent's F1, and the share
+    of fully absorbed words whose top projector clears the cosine gate by `margin`."""
+    cosines = [v for c in kept for v in per_letter[c]["absorber_cos"]]
+    gate = cfg.absorption_cos_full + margin
+    for c in per_letter:
+        a = per_letter[c]["absorber_cos"]
+        per_letter[c]["absorbers_clearing_gate"] = float(np.mean(np.asarray(a) >= gate)) if a else float("nan")
+
+    def mean(get):
+        return float(np.mean([get(per_letter[c]) for c in kept])) if kept else float("nan")
+
+    return dict(main_latents_f1=mean(lambda v: v["main_latents_vs_labels"]["f1"]),
+                main_latents_precision=mean(lambda v: v["main_latents_vs_labels"]["precision"]),
+                main_latents_recall=mean(lambda v: v["main_latents_vs_labels"]["recall"]),
+                best_single_latent_f1=mean(lambda v: v["best_single_latent_f1"]),
+                absorbers_clearing_gate=float(np.mean(np.asarray(cosines) >= gate)) if cosines else float("nan"),
+                absorber_gate=gate,
+                how=(f"per kept letter on the test prompts, then averaged; absorbers: the top projector of each "
+                     f"fully absorbed word, clearing cos >= absorption_cos_full + 2/sqrt(d) = {gate:.3f}"))
+
+
+def _absorption_validity(r, cfg):
+    """testable unless: the score is not clearly below its null (the 95% interval of the paired
+    null − score lies above 0), the main latents' mean F1 against the letter labels is below
+    absorption_min_main_f1, or fewer than absorption_min_letters letters pass the probe gate."""
+    reasons = []
+    key = "mean_full_absorption_score"
+    if "null" not in r:
+        reasons.append("no null (the SAE is silent on the prompts)")
+    else:
+        below = paired_interval(r["null_uncertainty"][key], r["uncertainty"][key])
+        r["null_minus_score_ci95"] = below
+        if below is None or not below[0] > 0:
+            reasons.append(f"score not clearly below its null (null − score 95% interval {_interval(below)})")
+    f1 = r["diagnostics"]["main_latents_f1"]
+    if not f1 >= cfg.absorption_min_main_f1:
+        reasons.append(f"main latents' F1 against the letter labels {f1:.2f} < {cfg.absorption_min_main_f1}")
+    if r["n_letters_kept"] < cfg.absorption_min_letters:
+        reasons.append(f"{r['n_letters_kept']} letters pass the probe gate (< {cfg.absorption_min_letters})")
+    return dict(testable=not reasons, reasons=reasons)
+
+
+def _interval(ci):
+    return "none" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _absorption_sensitivity(sae, h, cfg):
+    """Mean full absorption under the choices that move it without any change in absorption
+    (README: absorption), each a separate computation; SAEBench's figure stays the primary one.
+    Returns ({row: mean full absorption}, one line saying how)."""
+    f_train = encode(sae, h.x_train, cfg.sae_batch_tokens)
+    active = f_train[f_train != 0]
+    scale = float(active.abs().mean()) if len(active) else 1.0
+    rows = dict(centred_projection=dict(centre=h.x_train.double().mean(0)),
+                scale_normalised_probe=dict(scale=scale),
+                probe_seed_plus_1=dict(seed=cfg.eval_seed + 1))
+    out = {}
+    for name, kwargs in rows.items():
+        r = aggregate_absorption(absorption_of_sae(sae, h, cfg, **kwargs), cfg.absorption_probe_f1_gate)
+        out[name] = r["mean_full_absorption_score"]
+    how = ("centred: P = (x − mean of the train prompts)·p; scale: latents / their mean non-zero "
+           f"value on the train prompts ({scale:.4g}) in the k-sparse probe; seed: eval_seed + 1")
+    return out, how
 
 
 # -----------------------------------------------------------------------------
@@ -923,13 +1148,19 @@ def top_k_by_mean_difference(x, y, k):
     return difference.argsort(descending=True)[:k]
 
 
-def top_k_probe_accuracy(x_train, y_train, x_test, y_test, k):
+def top_k_probe_correct(x_train, y_train, x_test, y_test, k):
     """§3.4: keep the top-k columns on train, fit L2 logistic regression (C=1; solved to
-    convergence, where sklearn stops lbfgs at 1000 iterations) on the raw values, and return
-    test accuracy at probability 0.5."""
+    convergence, where sklearn stops lbfgs at 1000 iterations) on the raw values; whether each
+    test row is classified right at probability 0.5, (n_test,) bool."""
     chosen = top_k_by_mean_difference(x_train, y_train, k)
     w, b = logistic_regression(x_train[:, chosen], y_train, C=1.0)
-    return accuracy(w, b, x_test[:, chosen], y_test)
+    logits = torch.as_tensor(x_test[:, chosen], dtype=torch.float64) @ torch.as_tensor(w, dtype=torch.float64) + float(b)
+    return ((logits > 0) == torch.as_tensor(y_test).bool()).numpy()
+
+
+def top_k_probe_accuracy(x_train, y_train, x_test, y_test, k):
+    """§3.4 test accuracy of top_k_probe_correct."""
+    return float(top_k_probe_correct(x_train, y_train, x_test, y_test, k).mean())
 
 
 def dense_probe_accuracy(x_train, y_train, x_test, y_test, seed=0):
@@ -992,38 +1223,103 @@ def probing_data(llm, cfg, task, name):
     return data["train"], data["test"], splits
 
 
-def probing_accuracies(x_train, x_test, splits, ks, seed=0):
+def probing_accuracies(x_train, x_test, splits, ks, seed=0, dense=True):
     """§3.4-6 on one feature matrix (pooled residual or pooled latents): mean over classes of the
-    top-k accuracies and of the dense probe's accuracy."""
-    top_k = {k: [] for k in ks}
-    dense = []
-    for (train_idx, y_train), (test_idx, y_test) in splits.values():
+    top-k accuracies and of the dense probe's accuracy (nan when dense=False), and per k and class
+    whether each test row of that class's one-vs-rest split is classified right."""
+    correct = {k: {} for k in ks}
+    dense_accuracies = []
+    for cls, ((train_idx, y_train), (test_idx, y_test)) in splits.items():
         for k in ks:
-            top_k[k].append(top_k_probe_accuracy(x_train[train_idx], y_train, x_test[test_idx], y_test,
-                                                 min(k, x_train.shape[1])))
-        dense.append(dense_probe_accuracy(x_train[train_idx], y_train, x_test[test_idx], y_test, seed))
-    return {k: float(np.mean(v)) for k, v in top_k.items()}, float(np.mean(dense))
+            correct[k][cls] = top_k_probe_correct(x_train[train_idx], y_train, x_test[test_idx], y_test,
+                                                  min(k, x_train.shape[1]))
+        if dense:
+            dense_accuracies.append(dense_probe_accuracy(x_train[train_idx], y_train, x_test[test_idx], y_test, seed))
+    top_k = {k: float(np.mean([v.mean() for v in by_class.values()])) for k, by_class in correct.items()}
+    return top_k, float(np.mean(dense_accuracies)) if dense else float("nan"), correct
+
+
+def probing_replicates(tasks, cfg, k):
+    """uncertainty() of the top-k accuracy (mean over tasks of the class means), resampling test
+    texts within their class: a text drawn m times counts m times in every split that holds it.
+    tasks: [(test labels, splits, correct[k])]."""
+    strata, offsets = [], []
+    for labels, _, _ in tasks:
+        labels = np.asarray(labels)
+        offsets.append(len(strata))
+        strata += [np.flatnonzero(labels == c) for c in sorted(set(labels.tolist()))]
+    ends = offsets[1:] + [len(strata)]
+
+    def statistic(draws):
+        means = []
+        for (labels, splits, correct), start, end in zip(tasks, offsets, ends):
+            weight = np.zeros(len(labels))
+            for positions, draw in zip(strata[start:end], draws[start:end]):
+                np.add.at(weight, positions[draw], 1)
+            accuracies = []
+            for cls, (_, (test_idx, _)) in splits.items():
+                w = weight[np.asarray(test_idx)]
+                accuracies.append(float(w @ correct[k][cls] / w.sum()) if w.sum() else float("nan"))
+            means.append(np.mean(accuracies))
+        return float(np.mean(means))
+
+    return uncertainty(statistic, [len(s) for s in strata], cfg, "sparse_probing", "test texts within classes")
 
 
 def run_sparse_probing(llm, saes, cfg):
+    """§3 on every SAE beside its null (null_sae at the SAE's L0 on the first task's train-text
+    tokens), with a bootstrap over test texts and a validity verdict: testable when the top-1
+    accuracy is clearly above its null (the paired 95% interval of score − null above 0)."""
     per_task = [dict() for _ in saes]
-    for task in cfg.probing_tasks:
+    boot = [dict(sae=[], null=[]) for _ in saes]
+    nulls = [None] * len(saes)
+    for t, task in enumerate(cfg.probing_tasks):
         train, test, splits = probing_data(llm, cfg, task, task[0])
         print(f"  sparse probing {task[0]}: {len(train.labels)}/{len(test.labels)} train/test texts")
-        llm_top_k, llm_dense = probing_accuracies(train.pooled, test.pooled, splits, cfg.probing_ks, cfg.eval_seed)
+        llm_top_k, llm_dense, _ = probing_accuracies(train.pooled, test.pooled, splits, cfg.probing_ks,
+                                                     cfg.eval_seed)
         for i, sae in enumerate(saes):
             print(f"  sparse probing {task[0]}: SAE {i + 1}/{len(saes)}", flush=True)
             f_train = mean_pool(train.acts, train.counts, sae, cfg.sae_batch_tokens)
             f_test = mean_pool(test.acts, test.counts, sae, cfg.sae_batch_tokens)
-            sae_top_k, sae_dense = probing_accuracies(f_train, f_test, splits, cfg.probing_ks, cfg.eval_seed)
+            sae_top_k, sae_dense, correct = probing_accuracies(f_train, f_test, splits, cfg.probing_ks, cfg.eval_seed)
             per_task[i][task[0]] = dict(
                 llm_test_accuracy=llm_dense, sae_test_accuracy=sae_dense,
                 **{f"llm_top_{k}_test_accuracy": v for k, v in llm_top_k.items()},
                 **{f"sae_top_{k}_test_accuracy": v for k, v in sae_top_k.items()})
+            boot[i]["sae"].append((test.labels, splits, correct))
+            if t == 0:
+                nulls[i] = null_for(sae, train.acts, cfg)
+            null = nulls[i][0]
+            if null is not None:
+                null_top_k, _, null_correct = probing_accuracies(
+                    mean_pool(train.acts, train.counts, null, cfg.sae_batch_tokens),
+                    mean_pool(test.acts, test.counts, null, cfg.sae_batch_tokens), splits, cfg.probing_ks, dense=False)
+                per_task[i][task[0]].update({f"null_top_{k}_test_accuracy": v for k, v in null_top_k.items()})
+                boot[i]["null"].append((test.labels, splits, null_correct))
     results = []
-    for tasks in per_task:  # unweighted mean over tasks of the per-task class means (§3.6)
-        r = {key: float(np.mean([t[key] for t in tasks.values()])) for key in next(iter(tasks.values()))}
+    for tasks, b, (null, target) in zip(per_task, boot, nulls):  # unweighted mean over tasks of the class means (§3.6)
+        keys = [key for key in next(iter(tasks.values())) if not key.startswith("null_")]
+        r = {key: float(np.mean([t[key] for t in tasks.values()])) for key in keys}
         r["note"] = "llm/sae_test_accuracy pick the epoch by test accuracy (optimistic, as SAEBench)"
+        r["uncertainty"] = {f"sae_top_{k}_test_accuracy": probing_replicates(b["sae"], cfg, k) for k in cfg.probing_ks}
+        reasons = []
+        if null is None:
+            reasons.append("no null (the SAE is silent on the probing texts)")
+        else:
+            null_keys = [f"sae_top_{k}_test_accuracy" for k in cfg.probing_ks]
+            r["null"] = _null_record({key: float(np.mean([t["null" + key[3:]] for t in tasks.values()])) for key in null_keys},
+                                     target, "random unit decoder rows, encoder = decoder^T, threshold at the SAE's "
+                                             "L0 on the first probing task's train-text tokens")
+            r["null_uncertainty"] = {f"sae_top_{k}_test_accuracy": probing_replicates(b["null"], cfg, k)
+                                     for k in cfg.probing_ks}
+            first = f"sae_top_{cfg.probing_ks[0]}_test_accuracy"
+            above = paired_interval(r["uncertainty"][first], r["null_uncertainty"][first])
+            r["score_minus_null_ci95"] = above
+            if above is None or not above[0] > 0:
+                reasons.append(f"top-{cfg.probing_ks[0]} accuracy not clearly above its null "
+                               f"(score − null 95% interval {_interval(above)})")
+        r["validity"] = dict(testable=not reasons, reasons=reasons)
         r["per_task"] = tasks
         results.append(r)
     return results
@@ -1081,13 +1377,15 @@ def train_scr_probe(x_train, y_train, x_test, y_test, batch_size=16, seed=0):
     return w, b
 
 
-def scr_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, min_denominator=1e-3):
+def scr_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, min_denominator=1e-3,
+               weights=None):
     """§4.3-5 for one (class pair × attribute) run. probes / splits are keyed "attribute",
     "class", "biased"; splits[name] = ((train indices, y), (test indices, y)) into the pooled
-    train / test texts; x_test is the pooled test residual. Returns {N: dict(scr, dir1, dir2)}."""
+    train / test texts; x_test is the pooled test residual; weights (n_test,): a bootstrap's count
+    of each test text (None: each once). Returns {N: dict(scr, dir1, dir2)}."""
     def acc(probe, x, split):
         idx, y = split
-        return accuracy(*probe, x[idx], y)
+        return accuracy(*probe, x[idx], y, None if weights is None else weights[..., np.asarray(idx)])
 
     clean = {name: acc(probes[name], x_test, splits[name][1]) for name in ("attribute", "class")}
     biased_on = {name: acc(probes["biased"], x_test, splits[name][1]) for name in ("attribute", "class")}
@@ -1102,10 +1400,18 @@ def scr_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, m
             x_ablated = ablate(x_test, latents_test, W_dec, top_n_latents(effects[ablated], n))
             denominator = clean[measured] - biased_on[measured]
             changed = acc(probes["biased"], x_ablated, splits[measured][1])
-            score[direction] = ((changed - biased_on[measured]) / denominator
-                                if denominator >= min_denominator else 0.0)
-        chosen = 1 if biased_on["class"] < biased_on["attribute"] else 2
-        results[n] = dict(scr=score[chosen], dir1=score[1], dir2=score[2])
+            if weights is None or np.ndim(weights) == 1:
+                score[direction] = ((changed - biased_on[measured]) / denominator
+                                    if denominator >= min_denominator else 0.0)
+            else:  # one score per bootstrap replicate
+                usable = denominator >= min_denominator
+                score[direction] = np.where(usable, (changed - biased_on[measured]) / np.where(usable, denominator, 1), 0.0)
+        if np.ndim(score[1]) == 0:
+            chosen = 1 if biased_on["class"] < biased_on["attribute"] else 2
+            results[n] = dict(scr=score[chosen], dir1=score[1], dir2=score[2])
+        else:
+            results[n] = dict(scr=np.where(biased_on["class"] < biased_on["attribute"], score[1], score[2]),
+                              dir1=score[1], dir2=score[2])
     return results
 
 
@@ -1147,8 +1453,37 @@ def scr_data(llm, cfg, run):
     return acts, pooled, splits
 
 
+def _float_or_array(v):
+    return float(v) if np.ndim(v) == 0 else np.asarray(v)
+
+
+def ablation_replicates(args, score, cfg, metric, unit):
+    """uncertainty() of SCR's / TPP's headline (mean over runs or tasks at N = headline_n),
+    resampling test texts within their cells / classes. args[j] = (score's arguments for run j
+    up to W_dec, its strata: arrays of positions into its pooled test texts). The ablations do
+    not depend on the draw, so score() runs once per run on all replicates' text counts at once
+    (weights (n_boot, n_test)); the draws are bootstrap()'s, so replicate b pairs across SAEs."""
+    flat = [(j, positions) for j, (*_, strata) in enumerate(args) for positions in strata]
+    sizes = [len(p) for _, p in flat]
+    weights = [[] for _ in args]
+
+    def collect(draws):
+        counts = [np.zeros(len(a[2])) for a in args]  # a[2]: the pooled test texts
+        for (j, positions), draw in zip(flat, draws):
+            np.add.at(counts[j], positions[draw], 1)
+        for j, c in enumerate(counts):
+            weights[j].append(c)
+        return 0.0
+
+    bootstrap(collect, sizes, cfg.bootstrap_samples, bootstrap_seed(cfg, metric))
+    values = iter(np.mean([score(*a[:-1], [cfg.headline_n], weights=np.array(w))[cfg.headline_n][metric]
+                           for a, w in zip(args, weights)], axis=0))
+    return uncertainty(lambda draws: float(next(values)), sizes, cfg, metric, unit)
+
+
 def run_scr(llm, saes, cfg):
     per_run = [dict() for _ in saes]
+    boot = [[] for _ in saes]
     texts_per_cell = {}
     for run in cfg.scr_runs:
         name = f"{run[0]}:{run[1]}/{run[2]}"
@@ -1160,11 +1495,13 @@ def run_scr(llm, saes, cfg):
         for i, sae in enumerate(saes):
             latents = {s: mean_pool(*acts[s], sae, cfg.sae_batch_tokens) for s in ("train", "test")}
             ablated = _ablation_latents(cfg, sae, latents["test"], acts["test"][1])
-            per_run[i][name] = scr_scores(probes, splits, pooled["test"], latents["train"], ablated,
-                                          sae.W_dec.detach().float().cpu(), cfg.ablation_ns)
+            args = (probes, splits, pooled["test"], latents["train"], ablated, sae.W_dec.detach().float().cpu())
+            per_run[i][name] = scr_scores(*args, cfg.ablation_ns)
+            m = len(pooled["test"]) // 4  # the test texts: 4 cells of 2q in a row
+            boot[i].append(args + ([np.arange(c * m, (c + 1) * m) for c in range(4)],))
         print(f"  SCR {name}: done")
     results = []
-    for runs in per_run:
+    for runs, args in zip(per_run, boot):
         r = {f"scr_metric_n{n}": float(np.mean([v[n]["scr"] for v in runs.values()]))
              for n in cfg.ablation_ns}
         r["scr_metric"] = r.get(f"scr_metric_n{cfg.headline_n}", float("nan"))
@@ -1173,17 +1510,20 @@ def run_scr(llm, saes, cfg):
         r["test_texts_per_cell"] = texts_per_cell
         r["note"] = "probes keep their best *test* epoch (optimistic, as SAEBench)"
         r["per_run"] = {name: {str(n): v for n, v in scores.items()} for name, scores in runs.items()}
+        r["uncertainty"] = {"scr_metric": ablation_replicates(args, scr_scores, cfg, "scr",
+                                                              "test texts within (class, attribute) cells")}
         results.append(r)
     return results
 
 
-def tpp_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns):
+def tpp_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns, weights=None):
     """§5.2-4 for one dataset. probes[c] = (w, b); splits[c] = ((train idx, y), (test idx, y)).
     Each class's latents (effects with d_f ≥ 0, no absolute value) are ablated on all test texts
-    and every probe is re-tested on its own test split. Returns {N: dict(tpp, intended, unintended)}."""
+    and every probe is re-tested on its own test split; weights as scr_scores'.
+    Returns {N: dict(tpp, intended, unintended)}."""
     def acc(c, x):
         idx, y = splits[c][1]
-        return accuracy(*probes[c], x[idx], y)
+        return accuracy(*probes[c], x[idx], y, None if weights is None else weights[..., np.asarray(idx)])
 
     classes = list(probes)
     clean = {c: acc(c, x_test) for c in classes}
@@ -1196,14 +1536,16 @@ def tpp_scores(probes, splits, x_test, latents_train, latents_test, W_dec, ns):
             x_ablated = ablate(x_test, latents_test, W_dec, top_n_latents(effects, n))
             ablated = {j: acc(j, x_ablated) for j in classes}
             intended.append(clean[i] - ablated[i])
-            unintended.append(np.mean([clean[j] - ablated[j] for j in classes if j != i]))
-        results[n] = dict(tpp=float(np.mean(intended) - np.mean(unintended)),
-                          intended=float(np.mean(intended)), unintended=float(np.mean(unintended)))
+            unintended.append(np.mean([clean[j] - ablated[j] for j in classes if j != i], axis=0))
+        intended, unintended = np.mean(intended, axis=0), np.mean(unintended, axis=0)  # per replicate with 2-D weights
+        results[n] = dict(tpp=_float_or_array(intended - unintended), intended=_float_or_array(intended),
+                          unintended=_float_or_array(unintended))
     return results
 
 
 def run_tpp(llm, saes, cfg):
     per_task = [dict() for _ in saes]
+    boot = [[] for _ in saes]
     texts_per_class = {}
     for task in cfg.tpp_tasks:
         train, test, splits = probing_data(llm, cfg, task, task[0])
@@ -1216,11 +1558,13 @@ def run_tpp(llm, saes, cfg):
             latents_train = mean_pool(train.acts, train.counts, sae, cfg.sae_batch_tokens)
             latents_test = mean_pool(test.acts, test.counts, sae, cfg.sae_batch_tokens)
             latents_test = _ablation_latents(cfg, sae, latents_test, test.counts)
-            per_task[i][task[0]] = tpp_scores(probes, splits, test.pooled, latents_train, latents_test,
-                                              sae.W_dec.detach().float().cpu(), cfg.ablation_ns)
+            args = (probes, splits, test.pooled, latents_train, latents_test, sae.W_dec.detach().float().cpu())
+            per_task[i][task[0]] = tpp_scores(*args, cfg.ablation_ns)
+            labels = np.asarray(test.labels)
+            boot[i].append(args + ([np.flatnonzero(labels == c) for c in sorted(set(test.labels))],))
         print(f"  TPP {task[0]}: done")
     results = []
-    for tasks in per_task:
+    for tasks, args in zip(per_task, boot):
         r = {}
         for n in cfg.ablation_ns:
             for key in ("tpp", "intended", "unintended"):
@@ -1231,6 +1575,8 @@ def run_tpp(llm, saes, cfg):
         r["test_texts_per_class"] = texts_per_class  # the fewest of any class
         r["note"] = "probes keep their best *test* epoch (optimistic, as SAEBench)"
         r["per_task"] = {name: {str(n): v for n, v in scores.items()} for name, scores in tasks.items()}
+        r["uncertainty"] = {"tpp_metric": ablation_replicates(args, tpp_scores, cfg, "tpp",
+                                                              "test texts within classes")}
         results.append(r)
     return results
 
@@ -1310,33 +1656,99 @@ def find_best_reg(x, y, penalty="l2", grid=tuple(np.logspace(5, -5, 10))):
     return w, b, float(best)
 
 
-def ood_oracle_auc(x_id, y_id, x_ood, y_ood, pool_rows=1500, per_class=512, seed=42):
+def ood_oracle_scores(x_id, y_id, x_ood, pool_rows=1500, per_class=512, seed=42):
     """§6.3: a balanced random draw of per_class rows per class from the first pool_rows ID rows,
-    dense L2 probe with C by find_best_reg; returns (OOD AUC, C)."""
+    dense L2 probe with C by find_best_reg; returns (its logits on the OOD rows, C)."""
     rng = np.random.default_rng(seed)
     pool = np.asarray(y_id[:pool_rows])
     n = min(per_class, *(int(np.sum(pool == c)) for c in (0, 1)))
     rows = np.concatenate([rng.choice(np.flatnonzero(pool == c), n, replace=False) for c in (0, 1)])
     rows = rows[rng.permutation(len(rows))]
     w, b, C = find_best_reg(x_id[rows], pool[rows], "l2")
-    return roc_auc((torch.as_tensor(x_ood, dtype=torch.float64) @ w + b).numpy(), y_ood), C
+    return (torch.as_tensor(x_ood, dtype=torch.float64) @ w + b).numpy(), C
 
 
-def ood_sae_auc(f_id, y_id, f_ood, y_ood, k, pool_rows=1500, per_class=512):
+def ood_oracle_auc(x_id, y_id, x_ood, y_ood, pool_rows=1500, per_class=512, seed=42):
+    """§6.3 the oracle's OOD AUC; returns (AUC, C)."""
+    scores, C = ood_oracle_scores(x_id, y_id, x_ood, pool_rows, per_class, seed)
+    return roc_auc(scores, y_ood), C
+
+
+def ood_sae_scores(f_id, y_id, f_ood, k, pool_rows=1500, per_class=512):
     """§6.4: the first per_class positives and negatives among the first pool_rows ID rows (in
-    file order), top-k latents by mean difference, L1 probe with C by find_best_reg; OOD AUC."""
+    file order), top-k latents by mean difference, L1 probe with C by find_best_reg; returns (its
+    logits on the OOD rows, C)."""
     pool = np.asarray(y_id[:pool_rows])
     rows = np.sort(np.concatenate([np.flatnonzero(pool == c)[:per_class] for c in (0, 1)]))
     chosen = top_k_by_mean_difference(f_id[rows], pool[rows], min(k, f_id.shape[1]))
     w, b, C = find_best_reg(f_id[rows][:, chosen], pool[rows], "l1")
-    return roc_auc((f_ood[:, chosen].double() @ w + b).numpy(), y_ood), C
+    return (f_ood[:, chosen].double() @ w + b).numpy(), C
+
+
+def ood_sae_auc(f_id, y_id, f_ood, y_ood, k, pool_rows=1500, per_class=512):
+    """§6.4 the SAE probe's OOD AUC; returns (AUC, C)."""
+    scores, C = ood_sae_scores(f_id, y_id, f_ood, k, pool_rows, per_class)
+    return roc_auc(scores, y_ood), C
+
+
+def resampled_auc(scores, y):
+    """A function rows -> roc_auc(scores[rows], y[rows]) for the many row draws of a bootstrap: the
+    tie groups are found once, and each draw's AUC is the Mann-Whitney count of negatives below
+    each positive (ties half), by bincount instead of a sort."""
+    _, group = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    group, y = group.ravel(), np.asarray(y).astype(bool)
+    n_groups = int(group.max()) + 1 if len(group) else 0
+
+    def auc(rows):
+        g, positive = group[rows], y[rows]
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos == 0 or n_neg == 0:
+            return float("nan")
+        negatives = np.bincount(g[~positive], minlength=n_groups)
+        below = np.cumsum(negatives) - negatives
+        return float((below[g[positive]] + 0.5 * negatives[g[positive]]).sum() / (n_pos * n_neg))
+
+    return auc
+
+
+def ood_replicates(tasks, cfg, key, memo=None, owner=""):
+    """uncertainty() of a mean over datasets of AUCs (key "oracle", "k<k>") or of the gap
+    oracle − SAE ("gap_k<k>"), resampling OOD rows within their class. tasks: [(y_ood, scores)],
+    scores[name] the logits on the OOD rows. memo: {(owner, dataset, name, b): AUC} shared by
+    calls on the same datasets (replicate b is the same draw in each), so the oracle's AUCs (owner
+    "oracle") and each probe's (owner: whose latents) are computed once for every key and SAE."""
+    strata = [np.flatnonzero(np.asarray(y) == c) for y, _ in tasks for c in (0, 1)]
+    names = ["oracle", key[4:]] if key.startswith("gap_") else [key]
+    aucs = [{name: resampled_auc(scores[name], y) for name in names} for y, scores in tasks]
+    memo = {} if memo is None else memo
+    replicate = iter(range(cfg.bootstrap_samples))
+
+    def statistic(draws):
+        b, values = next(replicate), []
+        for t, auc in enumerate(aucs):
+            rows = np.concatenate([strata[2 * t][draws[2 * t]], strata[2 * t + 1][draws[2 * t + 1]]])
+            got = {}
+            for name in names:
+                slot = ("oracle" if name == "oracle" else owner, t, name, b)
+                if slot not in memo:
+                    memo[slot] = auc[name](rows)
+                got[name] = memo[slot]
+            values.append(got["oracle"] - got[names[1]] if len(names) == 2 else got[key])
+        return float(np.mean(values))
+
+    return uncertainty(statistic, [len(s) for s in strata], cfg, "ood", "OOD rows within classes")
+
+
+_OOD_CHANCE = 0.55  # an oracle whose AUC interval reaches this is near chance: nothing to transfer
 
 
 def run_ood(llm, saes, cfg):
-    per_task = [dict() for _ in saes]
+    """§6 on every SAE beside its null (null_sae at the SAE's L0 on the ID rows' last tokens),
+    with a bootstrap over OOD rows; a dataset whose oracle AUC interval reaches _OOD_CHANCE is
+    flagged near chance, and the metric is untestable when its mean oracle's interval does."""
     max_len = min(cfg.ood_max_tokens, llm.max_positions)
+    data = {}
     for name, id_file, ood_file in cfg.ood_tasks:
-        data = {}
         for part, file in (("id", id_file), ("ood", ood_file)):
             rows = prepare.read_eval_rows(cfg.eval_data_dir, file)
             y, classes = encode_labels([r["label"] for r in rows])  # codes of the whole file (§6.2)
@@ -1347,30 +1759,85 @@ def run_ood(llm, saes, cfg):
             texts = [r["text"] for r in rows]
             tokens = tokenize(llm.tokenizer, texts, llm.m.cfg.bos_token_id, max_len, keep="end")
             x = cached_residuals(llm, tokens, f"ood-{name}-{part}", [len(t) - 1 for t in tokens])
-            data[part] = (x, y)
-        (x_id, y_id), (x_ood, y_ood) = data["id"], data["ood"]
-        oracle, oracle_C = ood_oracle_auc(x_id, y_id, x_ood, y_ood, cfg.ood_pool_rows,
-                                          cfg.ood_train_per_class, cfg.eval_seed)
-        for i, sae in enumerate(saes):
-            f_id, f_ood = encode(sae, x_id, cfg.sae_batch_tokens), encode(sae, x_ood, cfg.sae_batch_tokens)
+            data[name, part] = (x, y)
+    oracles = {}
+    for name, _, _ in cfg.ood_tasks:
+        (x_id, y_id), (x_ood, y_ood) = data[name, "id"], data[name, "ood"]
+        scores, C = ood_oracle_scores(x_id, y_id, x_ood, cfg.ood_pool_rows, cfg.ood_train_per_class, cfg.eval_seed)
+        oracles[name] = (scores, C, roc_auc(scores, y_ood))
+        print(f"  OOD {name}: {len(y_id)} ID (training pool) / {len(y_ood)} OOD rows, oracle AUC {oracles[name][2]:.3f}")
+    x_clean = torch.cat([data[name, "id"][0] for name, _, _ in cfg.ood_tasks])
+    results, memo = [], {}  # the oracle's bootstrap AUCs, shared by every SAE
+    for i, sae in enumerate(saes):
+        null, target = null_for(sae, x_clean, cfg)
+        per_task, boot, null_boot = {}, [], []
+        for name, _, _ in cfg.ood_tasks:
+            (x_id, y_id), (x_ood, y_ood) = data[name, "id"], data[name, "ood"]
+            oracle_scores, oracle_C, oracle = oracles[name]
             entry = dict(oracle_auc=oracle, oracle_C=oracle_C)
-            for k in cfg.ood_ks:
-                entry[f"sae_auc_k{k}"], entry[f"sae_C_k{k}"] = ood_sae_auc(
-                    f_id, y_id, f_ood, y_ood, k, cfg.ood_pool_rows, cfg.ood_train_per_class)
-            per_task[i][name] = entry
-        print(f"  OOD {name}: {len(y_id)} ID (training pool) / {len(y_ood)} OOD rows, oracle AUC {oracle:.3f}")
-    results = []
-    for tasks in per_task:
-        oracle = float(np.mean([t["oracle_auc"] for t in tasks.values()]))
-        r = dict(oracle_auc=oracle)
-        for k in cfg.ood_ks:
-            sae_auc = float(np.mean([t[f"sae_auc_k{k}"] for t in tasks.values()]))
-            r[f"sae_auc_k{k}"] = sae_auc
-            r[f"gap_k{k}"] = oracle - sae_auc                  # absolute AUC points (§6.6)
-            r[f"relative_gap_k{k}"] = (oracle - sae_auc) / oracle
-        r["per_task"] = tasks
-        results.append(r)
+            scores, null_scores = dict(oracle=oracle_scores), dict(oracle=oracle_scores)
+            for which, s in (("sae", sae), ("null", null)):
+                if s is None:
+                    continue
+                f_id, f_ood = encode(s, x_id, cfg.sae_batch_tokens), encode(s, x_ood, cfg.sae_batch_tokens)
+                for k in cfg.ood_ks:
+                    logits, C = ood_sae_scores(f_id, y_id, f_ood, k, cfg.ood_pool_rows, cfg.ood_train_per_class)
+                    (scores if which == "sae" else null_scores)[f"k{k}"] = logits
+                    entry[f"{which}_auc_k{k}"] = roc_auc(logits, y_ood)
+                    if which == "sae":
+                        entry[f"sae_C_k{k}"] = C
+            per_task[name] = entry
+            boot.append((y_ood, scores))
+            null_boot.append((y_ood, null_scores))
+        results.append(_ood_result(per_task, boot, null_boot, null, target, cfg, memo))
     return results
+
+
+def _ood_result(per_task, boot, null_boot, null, target, cfg, memo=None):
+    oracle = float(np.mean([t["oracle_auc"] for t in per_task.values()]))
+    r = dict(oracle_auc=oracle)
+    for k in cfg.ood_ks:
+        sae_auc = float(np.mean([t[f"sae_auc_k{k}"] for t in per_task.values()]))
+        r[f"sae_auc_k{k}"] = sae_auc
+        r[f"gap_k{k}"] = oracle - sae_auc                  # absolute AUC points (§6.6)
+        r[f"relative_gap_k{k}"] = (oracle - sae_auc) / oracle
+    keys = ["oracle"] + [f"{p}k{k}" for k in cfg.ood_ks for p in ("", "gap_")]
+    names = {key: "oracle_auc" if key == "oracle" else key if key.startswith("gap_") else f"sae_auc_{key}"
+             for key in keys}
+    memo = {} if memo is None else memo
+    for slot in [slot for slot in memo if slot[0] != "oracle"]:  # the previous SAE's: start afresh
+        del memo[slot]
+    r["uncertainty"] = {names[key]: ood_replicates(boot, cfg, key, memo, "sae") for key in keys}
+    if null is not None:
+        values = {}
+        for k in cfg.ood_ks:
+            values[f"sae_auc_k{k}"] = float(np.mean([t[f"null_auc_k{k}"] for t in per_task.values()]))
+            values[f"gap_k{k}"] = oracle - values[f"sae_auc_k{k}"]
+        r["null"] = _null_record(values, target, "random unit decoder rows, encoder = decoder^T, threshold at "
+                                                 "the SAE's L0 on the ID rows' last tokens (every dataset)")
+        r["null_uncertainty"] = {names[key]: ood_replicates(null_boot, cfg, key, memo, "null")
+                                 for key in keys if key != "oracle"}
+    # the oracle's interval per dataset: its scores do not depend on the SAE, nor do the draws
+    flagged = []
+    for t, (name, entry) in enumerate(per_task.items()):
+        u = ood_replicates([boot[t]], cfg, "oracle")
+        entry["oracle_auc_ci95"] = u["ci95"]
+        entry["oracle_near_chance"] = u["ci95"] is None or u["ci95"][0] <= _OOD_CHANCE
+        if entry["oracle_near_chance"]:
+            flagged.append(name)
+    reasons = []
+    if flagged:
+        reasons.append(f"oracle near chance (95% interval reaches AUC {_OOD_CHANCE}) on {len(flagged)} of "
+                       f"{len(per_task)} datasets: {', '.join(flagged)}")
+    ci = r["uncertainty"]["oracle_auc"]["ci95"]
+    r["validity"] = dict(testable=ci is not None and ci[0] > _OOD_CHANCE, reasons=reasons,
+                         datasets_near_chance=flagged,
+                         rule=f"untestable when the mean oracle AUC's 95% interval reaches {_OOD_CHANCE}; "
+                              "datasets whose own interval does are flagged")
+    if not r["validity"]["testable"]:
+        reasons.insert(0, f"mean oracle AUC near chance (95% interval {_interval(ci)})")
+    r["per_task"] = per_task
+    return r
 
 
 # -----------------------------------------------------------------------------
@@ -1634,7 +2101,7 @@ def load_sae(path, d_model, cfg, device):
 _METRIC_SETTINGS = {"core": ("core_",), "absorption": ("absorption_",), "sparse_probing": ("probing_",),
                     "scr": ("scr_", "probing_", "ablation_", "headline_n"),
                     "tpp": ("tpp_", "scr_", "probing_", "ablation_", "headline_n"), "ood": ("ood_",)}
-_SHARED_SETTINGS = ("eval_seed", "sae_dtype")
+_SHARED_SETTINGS = ("eval_seed", "sae_dtype", "bootstrap_samples")
 
 
 def _file_sha256(path):

@@ -739,6 +739,18 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
     assert 0 <= result["sparse_probing"]["sae_top_1_test_accuracy"] <= 1
     assert set(result["scr"]["per_run"]) == {"stdlib_docs:asyncio/email", "stdlib_docs:importlib/logging"}
     assert 0 <= result["ood"]["oracle_auc"] <= 1 and "gap_k128" in result["ood"]
+    # every headline number has its bootstrap (tests/test_nulls.py); those with a null have it too
+    other = json.load(open(tmp_path / "base" / "k8" / "eval.json"))
+    for _, metric, key, _ in ev._HEADLINE:
+        if metric == "core":
+            continue
+        u = result[metric]["uncertainty"][key]
+        assert u["n_boot"] == len(u["replicates"]) == ev.bootstrap_samples and u["unit"]
+        assert len(other[metric]["uncertainty"][key]["replicates"]) == u["n_boot"]  # paired by replicate
+        if metric in ("absorption", "sparse_probing", "ood"):
+            assert len(result[metric]["null_uncertainty"][key]["replicates"]) == u["n_boot"]
+            assert key in result[metric]["null"] and result[metric]["null"]["l0"] > 0
+            assert isinstance(result[metric]["validity"]["testable"], bool)
     cached = sorted(os.listdir(tmp_path / "cache"))
     ev.main([str(tmp_path / "base"), str(tmp_path / "masked")] + small)
     assert sorted(os.listdir(tmp_path / "cache")) == cached  # the second run reused every activation

@@ -1158,11 +1158,6 @@ def top_k_probe_correct(x_train, y_train, x_test, y_test, k):
     return ((logits > 0) == torch.as_tensor(y_test).bool()).numpy()
 
 
-def top_k_probe_accuracy(x_train, y_train, x_test, y_test, k):
-    """§3.4 test accuracy of top_k_probe_correct."""
-    return float(top_k_probe_correct(x_train, y_train, x_test, y_test, k).mean())
-
-
 def dense_probe_accuracy(x_train, y_train, x_test, y_test, seed=0):
     """§3.5: SAEBench's full-width probe (AdamW lr 1e-2, BCE, batch 250, 100 epochs, patience 10),
     with the epoch picked by *test* accuracy: optimistic, reproduced for parity."""
@@ -1668,12 +1663,6 @@ def ood_oracle_scores(x_id, y_id, x_ood, pool_rows=1500, per_class=512, seed=42)
     return (torch.as_tensor(x_ood, dtype=torch.float64) @ w + b).numpy(), C
 
 
-def ood_oracle_auc(x_id, y_id, x_ood, y_ood, pool_rows=1500, per_class=512, seed=42):
-    """§6.3 the oracle's OOD AUC; returns (AUC, C)."""
-    scores, C = ood_oracle_scores(x_id, y_id, x_ood, pool_rows, per_class, seed)
-    return roc_auc(scores, y_ood), C
-
-
 def ood_sae_scores(f_id, y_id, f_ood, k, pool_rows=1500, per_class=512):
     """§6.4: the first per_class positives and negatives among the first pool_rows ID rows (in
     file order), top-k latents by mean difference, L1 probe with C by find_best_reg; returns (its
@@ -1683,12 +1672,6 @@ def ood_sae_scores(f_id, y_id, f_ood, k, pool_rows=1500, per_class=512):
     chosen = top_k_by_mean_difference(f_id[rows], pool[rows], min(k, f_id.shape[1]))
     w, b, C = find_best_reg(f_id[rows][:, chosen], pool[rows], "l1")
     return (f_ood[:, chosen].double() @ w + b).numpy(), C
-
-
-def ood_sae_auc(f_id, y_id, f_ood, y_ood, k, pool_rows=1500, per_class=512):
-    """§6.4 the SAE probe's OOD AUC; returns (AUC, C)."""
-    scores, C = ood_sae_scores(f_id, y_id, f_ood, k, pool_rows, per_class)
-    return roc_auc(scores, y_ood), C
 
 
 def resampled_auc(scores, y):

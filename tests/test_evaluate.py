@@ -283,7 +283,7 @@ def test_probes_on_noise_are_at_chance():
     y = torch.tensor(rng.random(2000) < 0.5)
     w, b = ev.logistic_regression(x[:1000], y[:1000])
     assert abs(ev.roc_auc((x[1000:] @ w + b).numpy(), y[1000:].numpy()) - 0.5) < 0.06
-    assert abs(ev.top_k_probe_accuracy(x[:1000], y[:1000], x[1000:], y[1000:], 2) - 0.5) < 0.06
+    assert abs(ev.top_k_probe_correct(x[:1000], y[:1000], x[1000:], y[1000:], 2).mean() - 0.5) < 0.06
 
 
 def test_sgd_probe_keeps_its_best_test_epoch():
@@ -450,7 +450,7 @@ def test_sparse_probing_picks_the_planted_latent():
     f = torch.tensor(np.abs(rng.normal(size=(800, 20))), dtype=torch.float32)
     f[:, 13] += 3.0 * y
     assert ev.top_k_by_mean_difference(f[:600], y[:600], 1).tolist() == [13]
-    assert ev.top_k_probe_accuracy(f[:600], y[:600], f[600:], y[600:], 1) == 1.0
+    assert ev.top_k_probe_correct(f[:600], y[:600], f[600:], y[600:], 1).all()
 
 
 def test_one_vs_rest_balances_negatives_over_the_other_classes():
@@ -677,13 +677,13 @@ def test_ood_probes_on_a_planted_shift():
     f_id[:, 4] = 2 * y_id + rng.uniform(0, 0.2, 400)
     f_ood[:, 4] = 1 + 0.5 * y_ood + rng.uniform(0, 0.2, 200)  # shifted and shrunk, still ordered: AUC 1
     f_id, f_ood = torch.tensor(f_id, dtype=torch.float32), torch.tensor(f_ood, dtype=torch.float32)
-    auc, C = ev.ood_sae_auc(f_id, y_id, f_ood, y_ood, k=1, pool_rows=300, per_class=100)
-    assert auc == 1.0 and C in tuple(np.logspace(5, -5, 10))
-    oracle, _ = ev.ood_oracle_auc(f_id, y_id, f_ood, y_ood, pool_rows=300, per_class=100)
-    assert oracle > 0.95
+    scores, C = ev.ood_sae_scores(f_id, y_id, f_ood, k=1, pool_rows=300, per_class=100)
+    assert ev.roc_auc(scores, y_ood) == 1.0 and C in tuple(np.logspace(5, -5, 10))
+    oracle, _ = ev.ood_oracle_scores(f_id, y_id, f_ood, pool_rows=300, per_class=100)
+    assert ev.roc_auc(oracle, y_ood) > 0.95
     noise_id, noise_ood = (torch.tensor(rng.normal(size=(n, 30))) for n in (400, 200))
-    noise, _ = ev.ood_oracle_auc(noise_id, rng.integers(0, 2, 400), noise_ood, y_ood, pool_rows=300, per_class=100)
-    assert abs(noise - 0.5) < 0.12
+    noise, _ = ev.ood_oracle_scores(noise_id, rng.integers(0, 2, 400), noise_ood, pool_rows=300, per_class=100)
+    assert abs(ev.roc_auc(noise, y_ood) - 0.5) < 0.12
 
 
 # ----------------------------------------------------------------------------- reports

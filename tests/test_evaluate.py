@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import configurator
 import compare
+import configurator
 import evaluate as ev
 import model as model_lib
 import sae as sae_lib
@@ -741,7 +741,7 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
     assert 0 <= result["ood"]["oracle_auc"] <= 1 and "gap_k128" in result["ood"]
     # every headline number has its bootstrap (tests/test_nulls.py); those with a null have it too
     other = json.load(open(tmp_path / "base" / "k8" / "eval.json"))
-    for _, metric, key, _ in ev._HEADLINE:
+    for _, metric, key, _ in compare._HEADLINE:
         if metric == "core":
             continue
         u = result[metric]["uncertainty"][key]

@@ -292,11 +292,11 @@ def test_killed_between_the_last_checkpoint_and_the_last_export_then_resume_expo
         real_save(*args, **kwargs)
         last.append(args[5] == 30)
 
-    def export_or_die(s, scale, folder):
+    def export_or_die(s, scale, folder, *args):
         if last[-1]:
             (tmp_path / "killed" / "k4" / "sae.safetensors.tmp").write_bytes(b"half a file")
             raise KeyboardInterrupt
-        real_export(s, scale, folder)
+        return real_export(s, scale, folder, *args)
 
     monkeypatch.setattr(train, "save_checkpoint", save)
     monkeypatch.setattr(train, "export_sae", export_or_die)

@@ -741,7 +741,14 @@ def run_core(llm, saes, cfg):
     # metrics on all of them (core_tokens; the larger of the two if they were swapped)
     rows = core_rows(llm, cfg)
     n_ce = min(len(rows), cfg.core_ce_tokens // cfg.core_ctx)
-    return core_metrics(llm.m, llm.layer, saes, rows, cfg.core_batch_rows, n_ce, cfg.sae_batch_tokens)
+    results = core_metrics(llm.m, llm.layer, saes, rows, cfg.core_batch_rows, n_ce, cfg.sae_batch_tokens)
+    for r in results:
+        if r["explained_variance_saebench_current"] > 1:  # §1.5: its denominator subtracts a squared mean square
+            r["explained_variance_saebench_current_note"] = (
+                "above 1: SAEBench's current formula subtracts the square of a mean *square* (§1.5), "
+                "and here that left its denominator negative; explained_variance (1 - SSE / total "
+                "variance) is the one reported")
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -1504,6 +1511,10 @@ def run_scr(llm, saes, cfg):
         r["ablation_positions"] = _ABLATION_LABELS[cfg.ablation_positions]
         r["test_texts_per_cell"] = texts_per_cell
         r["note"] = "probes keep their best *test* epoch (optimistic, as SAEBench)"
+        r["note_directions"] = ("dir1 / dir2 = (biased probe's accuracy after the ablation - before) / "
+                                "(clean - biased probe's accuracy) on the measured labels: an unbounded "
+                                "ratio, large where that gap is small (under 1e-3 it scores 0); scr_metric "
+                                "takes the direction whose biased accuracy is lower, as SAEBench does")
         r["per_run"] = {name: {str(n): v for n, v in scores.items()} for name, scores in runs.items()}
         r["uncertainty"] = {"scr_metric": ablation_replicates(args, scr_scores, cfg, "scr",
                                                               "test texts within (class, attribute) cells")}

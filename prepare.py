@@ -37,6 +37,7 @@ import contextlib
 import csv
 import fcntl
 import fnmatch
+import errno
 import glob
 import hashlib
 import importlib
@@ -832,27 +833,37 @@ def prepare_tokens(cfg, tokenizer):
     paths = {split: os.path.join(cfg.tokens_dir, f"{split}.bin") for split in ("train", "val")}
     tokens, documents = {"train": 0, "val": 0}, {"train": 0, "val": 0}
     start = last_print = time.time()
-    with open(paths["train"] + ".tmp", "wb") as train, open(paths["val"] + ".tmp", "wb") as val:
-        files = {"train": train, "val": val}
-        for ids in tokenized_documents(read_documents(cfg.dataset, cfg.data_files, cfg.text_field),
-                                       tokenizer, eos_token_id, dtype):
-            # A whole document goes to val when val stays within its share: deterministic, and
-            # val is spread over the whole corpus rather than taken from one end of it.
-            total = sum(tokens.values()) + len(ids)
-            split = "val" if tokens["val"] + len(ids) <= cfg.val_fraction * total else "train"
-            if split == "train":
-                ids = ids[:cfg.max_tokens - tokens["train"]]  # train ends at exactly max_tokens
-            files[split].write(ids.tobytes())
-            tokens[split] += len(ids)
-            documents[split] += 1
-            if time.time() - last_print >= _PROGRESS_SECONDS:
-                last_print, elapsed = time.time(), time.time() - start
-                eta = (cfg.max_tokens - tokens["train"]) * elapsed / max(tokens["train"], 1)
-                print(f"tokens: {tokens['train']:,} train + {tokens['val']:,} val, "
-                      f"{sum(tokens.values()) / elapsed:,.0f} tok/s, "
-                      f"ETA {eta / 60:.1f} min (if the corpus lasts)", flush=True)
-            if tokens["train"] >= cfg.max_tokens:
-                break
+    try:
+        with open(paths["train"] + ".tmp", "wb") as train, open(paths["val"] + ".tmp", "wb") as val:
+            files = {"train": train, "val": val}
+            for ids in tokenized_documents(read_documents(cfg.dataset, cfg.data_files, cfg.text_field),
+                                           tokenizer, eos_token_id, dtype):
+                # A whole document goes to val when val stays within its share: deterministic, and
+                # val is spread over the whole corpus rather than taken from one end of it.
+                total = sum(tokens.values()) + len(ids)
+                split = "val" if tokens["val"] + len(ids) <= cfg.val_fraction * total else "train"
+                if split == "train":
+                    ids = ids[:cfg.max_tokens - tokens["train"]]  # train ends at exactly max_tokens
+                files[split].write(ids.tobytes())
+                tokens[split] += len(ids)
+                documents[split] += 1
+                if time.time() - last_print >= _PROGRESS_SECONDS:
+                    last_print, elapsed = time.time(), time.time() - start
+                    eta = (cfg.max_tokens - tokens["train"]) * elapsed / max(tokens["train"], 1)
+                    print(f"tokens: {tokens['train']:,} train + {tokens['val']:,} val, "
+                          f"{sum(tokens.values()) / elapsed:,.0f} tok/s, "
+                          f"ETA {eta / 60:.1f} min (if the corpus lasts)", flush=True)
+                if tokens["train"] >= cfg.max_tokens:
+                    break
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk: name the files, and free what the partial ones took
+        for path in paths.values():
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+        raise OSError(f"could not write the token files {paths['train']}.tmp / val.bin.tmp: "
+                      f"{e.strerror or e}; the previous token files are untouched") from None
     if not (tokens["train"] and tokens["val"]):
         raise ValueError(f"{source}: train.bin or val.bin got no document ({documents}); "
                          "use more text, a larger max_tokens or a larger val_fraction")

@@ -679,6 +679,7 @@ def train(cfg, device, rank, world, log, on_exit):
     cache = open_cache(cfg, m, mask_id, rank, world) if cfg.activation_cache else None
     if cache and rank == 0:
         check_cache_space(cfg, cache, m.cfg.d_model, world, log)
+    check_memory(cfg, m.cfg.d_model, local_batch, device, log)
 
     # every input checked but the checkpoint, which needs the lock first: the first thing written
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -900,6 +901,32 @@ def calibration_acts(m, cfg):
 
 def m_bytes(cfg):
     return 2 if cfg.llm_dtype == "bfloat16" else 4
+
+
+def check_memory(cfg, d, local_batch, device, log):
+    """Print what the run will hold in memory and refuse one that cannot fit, before the buffer is
+    filled: the shuffle buffer (buffer_tokens x d in the LLM's dtype) and, per SAE, its fp32
+    weights with their gradients and Adam's two moments (4 x 2·d·F) and about five (B, F) fp32
+    tensors of the step (pre-activations, their gradient, the top-k and aux-k selections). The
+    LLM's own weights and activations come on top. An estimate, not a bound."""
+    n_saes = len(cfg.l1_coefficients if cfg.arch == "relu" else cfg.ks)
+    buffer = cfg.buffer_tokens * d * m_bytes(cfg)
+    per_sae = 4 * 2 * d * cfg.dict_size * 4 + 5 * local_batch * cfg.dict_size * 4
+    need = buffer + n_saes * per_sae
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        try:  # MemAvailable counts the page cache the kernel can give back
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            free = None
+    log(f"memory: about {need / 2**30:.2f} GiB (buffer {buffer / 2**30:.2f}, {n_saes} SAE(s) x "
+        f"{per_sae / 2**30:.2f}) besides the LLM" + (f"; {free / 2**30:.1f} GiB available" if free else ""))
+    if free is not None and need > free:
+        raise configurator.ConfigError(
+            f"the run needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is available on {device}: "
+            f"lower batch_size ({cfg.batch_size}), buffer_tokens ({cfg.buffer_tokens}) or dict_size ({cfg.dict_size})")
 
 
 def export_sae(s, scale, folder, cfg=None, clean=None):

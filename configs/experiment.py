@@ -31,11 +31,13 @@
 # at least 0.5; the smallest passing budget is the experiment's total_tokens. If none passes,
 # absorption is "untestable here" with the curve as the evidence, and the budget goes to the OOD
 # endpoints. Commands (from the repository root, after `python prepare.py`):
-#   gate() { for n in 262144 524288 1048576 2097152; do
-#     python train.py configs/experiment.py --mask_prob=0.0 --total_tokens=$n --out_dir=out/gate_$n || return 1
+#   gate() { for n in 2097152 1048576 524288 262144; do
+#     python train.py configs/experiment.py --mask_prob=0.0 --total_tokens=$n --dead_tokens=$((n / 50)) \
+#       --out_dir=out/gate_$n || return 1
 #   done; python evaluate.py configs/experiment.py --metrics="['core','absorption']" out/gate_*; }
 #   gate > out/gate.log 2>&1 &
-# (the largest run first fills data/cache/A; the others read it.)
+# (the largest run first fills data/cache/A; the others read it. dead_tokens is 2% of each run, the
+# window measured for the default: README, Calibrated thresholds.)
 #
 # Step 2, the arms, at the gate's total_tokens (set below by hand once the gate has run):
 #   arm() { for s in $(seq 0 $(($2 - 1))); do

@@ -342,6 +342,9 @@ def test_settings_that_train_no_step_or_no_number_are_refused_before_anything_is
                    "scale_tokens must be positive")
     one_line_error(train.main, fast_settings(tiny, out, "--ctx_len=4096"), monkeypatch, capsys,
                    "ctx_len=4096 is longer than", "max_position_embeddings=2048")
+    # 2^31 latents: 16 TiB of weights and Adam moments, refused with the estimate before any harvest
+    one_line_error(train.main, fast_settings(tiny, out, f"--dict_size={2**31}"), monkeypatch, capsys,
+                   "the run needs about", "GiB but", "lower batch_size")
     assert not out.exists()
 
 
@@ -590,6 +593,19 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeyp
     with pytest.raises(OSError, match=f"could not write {tmp_path}/k4/sae.safetensors: No space left"):
         sae_lib.save(sae_lib.SAE(8, 16, arch="batchtopk", k=4), str(tmp_path / "k4"))
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_full_disk_while_tokenizing_names_the_files_and_keeps_the_old_ones(tiny, monkeypatch):
+    def tokens_then_full_disk(*args):
+        yield np.arange(100, dtype=np.uint16)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = snapshot(tiny / "tokens")
+    monkeypatch.setattr(prepare, "tokenized_documents", tokens_then_full_disk)
+    with pytest.raises(OSError, match="could not write the token files .*train.bin.tmp.*No space left on "
+                                      "device; the previous token files are untouched"):
+        prepare.main(tiny_prepare_args(tiny, "--max_tokens=1234", "--eval_sets=[]"))
+    assert snapshot(tiny / "tokens") == before  # no partial file, the old ones as they were
 
 
 def test_prepare_says_which_given_settings_it_ignores(tiny, capsys):

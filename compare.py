@@ -660,6 +660,131 @@ def comparison_report(arms, matched_points=3):
             + f"\n\n## At matched L0 (where L0 still differs)\n\n{matched}\n")
 
 
+# ----------------------------------------------------------------------------- the validity gate
+
+def budget_arms(arms):
+    """{training tokens: arm} when the arms differ in training_tokens alone (one arm's SAEs
+    exported at several budgets: the validity gate), else None."""
+    by_tokens = {}
+    for name, arm in arms.items():
+        parts = name.split(", ")
+        if len(parts) != 2 or not parts[1].startswith("training_tokens="):
+            return None
+        by_tokens[int(parts[1].split("=")[1])] = arm
+    return dict(sorted(by_tokens.items())) if len(by_tokens) >= 2 else None
+
+
+def _null_measurement(result, metric, key):
+    """(null value, the null's replicates) of one metric in one eval.json, (None, None) if absent."""
+    r = (result or {}).get(metric) or {}
+    value = (r.get("null") or {}).get(key)
+    reps = ((r.get("null_uncertainty") or {}).get(key) or {}).get("replicates")
+    reps = None if not reps else np.array([np.nan if v is None else v for v in reps], dtype=np.float64)
+    return (value if _finite(value) else None), reps
+
+
+def _validity(saes, metric):
+    """'testable' when every seed's SAE is, else its reasons (each once)."""
+    reasons = []
+    for r in saes:
+        validity = (r.get(metric) or {}).get("validity")
+        if validity is None:
+            return "not evaluated"
+        reasons += [why for why in validity.get("reasons", []) if why not in reasons]
+    return "testable" if not reasons else "untestable: " + "; ".join(reasons)
+
+
+def budget_curve(by_tokens):
+    """The validity gate's table: for each training budget and SAE, L0, EV, mean full absorption
+    and its null with intervals (seeds and evaluation sample), score − null paired replicate by
+    replicate, the main latents' F1 against the letter labels, the letters passing the probe gate,
+    and the validity verdicts of absorption and OOD (the gap and its null where evaluated)."""
+    header = ("| training tokens | SAE | seeds | L0 | EV | Mean full absorption [95% CI] | its null [95% CI] | "
+              "score − null [95% CI] | main latents' F1 | letters | absorption | OOD gap (k=128) [95% CI] | "
+              "its null | OOD |")
+    lines = [header, "|---" * 14 + "|"]
+    for tokens, arm in by_tokens.items():
+        for name in dict.fromkeys(n for saes in arm.values() for n in saes):
+            pick = lambda saes: saes.get(name)
+            saes = [pick(s) for s in arm.values() if pick(s) is not None]
+            cells = []
+            for metric, key, label in (("absorption", "mean_full_absorption_score", "Mean full absorption"),
+                                       ("ood", "gap_k128", "OOD gap to oracle (k=128)")):
+                score = _per_seed(arm, pick, _full_label(metric, key))
+                null = {seed: _null_measurement(pick(s), metric, key) for seed, s in arm.items()}
+                null = {seed: v for seed, v in null.items() if v[0] is not None}
+                both = paired(null, score)
+                cells.append([_cell(both["other"]), _cell(both["base"]) if null else "—",
+                              _delta_cell(both["delta"]) if null else "—"])
+            f1 = [((r.get("absorption") or {}).get("diagnostics") or {}).get("main_latents_f1") for r in saes]
+            f1 = [v for v in f1 if _finite(v)]
+            letters = sorted({(r.get("absorption") or {}).get("n_letters_kept") for r in saes} - {None})
+            core = [((r.get("core") or {}).get("l0"), (r.get("core") or {}).get("explained_variance")) for r in saes]
+            l0, ev = (np.mean([c[i] for c in core if _finite(c[i])]) if any(_finite(c[i]) for c in core)
+                      else None for i in (0, 1))
+            ood = ((cells[1][0], cells[1][1], _validity(saes, "ood")) if any("ood" in r for r in saes)
+                   else ("not evaluated", "—", "—"))
+            lines.append(f"| {tokens:,} | {name} | {len(saes)} | {_fmt(l0)} | {_fmt(ev)} | {cells[0][0]} | "
+                         f"{cells[0][1]} | {cells[0][2]} | {_fmt(np.mean(f1)) if f1 else '—'} | "
+                         f"{', '.join(map(str, letters)) or '—'} | {_validity(saes, 'absorption')} | "
+                         f"{ood[0]} | {ood[1]} | {ood[2]} |")
+    return "\n".join(lines)
+
+
+def budget_report(by_tokens, arms):
+    return ("# The validity gate: one arm at several training budgets\n\nThe arms differ in training tokens "
+            "alone, so there is no baseline-vs-masked verdict here: the table says at which budget each "
+            "metric becomes measurable (its score clearly on the right side of its null, and for absorption "
+            "main latents that find the letters). Intervals: 95%, seeds and evaluation sample (one seed: the "
+            "sample's alone); score − null pairs the bootstrap replicates.\n\n"
+            f"{budget_curve(by_tokens)}\n\n## What these numbers rest on\n\n{caveats(arms)}\n")
+
+
+def plot_budget(by_tokens, path):
+    """One PNG: mean full absorption and its null against training tokens (log axis), per SAE name,
+    with their 95% intervals. Skipped (with a note) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, no plot written")
+        return
+    label = _full_label("absorption", "mean_full_absorption_score")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    names = list(dict.fromkeys(n for arm in by_tokens.values() for saes in arm.values() for n in saes))
+    for i, name in enumerate(names):
+        pick = lambda saes: saes.get(name)
+        for which, style in (("SAE", dict(marker="o")), ("null", dict(marker="o", mfc="none", linestyle=":"))):
+            points = []
+            for tokens, arm in by_tokens.items():
+                if which == "SAE":
+                    s = two_level(*map(dict, zip(*[((seed, v), (seed, r)) for seed, (v, r) in
+                                                    _per_seed(arm, pick, label).items()])))
+                else:
+                    null = {seed: _null_measurement(pick(saes), "absorption", "mean_full_absorption_score")
+                            for seed, saes in arm.items() if pick(saes) is not None}
+                    null = {seed: v for seed, v in null.items() if v[0] is not None}
+                    s = two_level({k: v for k, (v, _) in null.items()}, {k: r for k, (_, r) in null.items()}) \
+                        if null else dict(n=0)
+                if s["n"]:
+                    err = [0.0, 0.0] if s["lo"] is None else [s["mean"] - s["lo"], s["hi"] - s["mean"]]
+                    points.append((tokens, s["mean"], err))
+            if points:
+                ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=np.array([p[2] for p in points]).T,
+                            capsize=3, color=f"C{i}", label=f"{name}" + (": null" if which == "null" else ""), **style)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens per SAE")
+    ax.set_title(f"{label}: SAE (filled) and its null (hollow), 95% intervals", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    _write_atomic(path, buffer.getvalue())
+    print(f"wrote {path}")
+
+
 def plot_comparison(arms, path):
     """One PNG: a panel per primary metric (Mean full absorption, OOD gap) and EV against measured
     L0 (log axis): per arm a point per SAE name at the seeds' mean L0 with its two-level 95%
@@ -724,7 +849,14 @@ def report(by_run, comparison_file, matched_points=3):
     for run, saes in by_run.items():
         print(run_table(run, saes) + "\n")
     arms = group_arms(by_run)  # runs grouped by their SAE cfgs, paired by (seed, SAE name)
-    if len(arms) >= 2:
+    by_tokens = budget_arms(arms)
+    if by_tokens:  # one arm at several budgets: the validity gate's curve, no verdict
+        text = budget_report(by_tokens, arms)
+        _write_atomic(comparison_file, text)
+        print(text)
+        print(f"wrote {comparison_file}")
+        plot_budget(by_tokens, os.path.splitext(comparison_file)[0] + ".png")
+    elif len(arms) >= 2:
         text = comparison_report(arms, matched_points)
         _write_atomic(comparison_file, text)
         print(text)

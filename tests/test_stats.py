@@ -328,3 +328,26 @@ def test_null_sae_has_the_target_l0_and_no_learned_directions():
     assert null.W_dec.shape == trained.W_dec.shape
     assert torch.allclose(null.W_enc, null.W_dec.T) and torch.allclose(null.W_dec.norm(dim=1), torch.ones(128))
     assert abs((null.encode(x) > 0).sum(1).float().mean().item() - 10.0) < 0.05
+
+
+def test_one_arm_at_several_budgets_is_the_validity_gate_curve_not_a_comparison(tmp_path):
+    sample = np.random.default_rng(1).normal(0, 0.02, B)
+    runs = {}
+    for tokens, absorption, testable in ((262_144, 0.70, False), (1_048_576, 0.30, True)):
+        r = fake_eval(0.0, 0, 20, 20.0, 0.6, absorption=absorption, sample=sample, testable=testable)
+        r["sae_cfg"]["training_tokens"] = tokens
+        r["absorption"]["null_uncertainty"] = dict(mean_full_absorption_score=dict(replicates=(0.45 + sample).tolist()))
+        r["absorption"]["diagnostics"] = dict(main_latents_f1=0.2 if tokens < 10**6 else 0.6)
+        runs[f"out/gate_{tokens}"] = {"k20": r}
+    arms = compare.group_arms(runs)
+    by_tokens = compare.budget_arms(arms)
+    assert list(by_tokens) == [262_144, 1_048_576]
+    md = compare.budget_report(by_tokens, arms)
+    # score − null pairs the replicates, so the shared sample cancels: exactly +0.25 and −0.15
+    assert "| 262,144 | k20 | 1 | 20.0000 | 0.6000 |" in md
+    assert "+0.2500 [+0.2500, +0.2500] | 0.2000 | 15 | untestable: score not clearly below its null |" in md
+    assert "-0.1500 [-0.1500, -0.1500] | 0.6000 | 15 | testable |" in md
+    assert "Verdicts" not in md
+    assert compare.budget_arms(compare.group_arms(two_arms([0]))) is None  # baseline vs masked: a comparison
+    compare.report(runs, str(tmp_path / "gate.md"))
+    assert (tmp_path / "gate.md").read_text() == md and (tmp_path / "gate.png").stat().st_size > 0

@@ -110,7 +110,7 @@ absorption_f1_jump = 0.03
 absorption_probe_f1_gate = 0.6     # letters whose ground-truth probe F1 is lower are dropped
 absorption_min_letters = 20        # fewer kept letters: a warning (SAEBench aborts)
 absorption_min_letter_tokens = 10  # letters with fewer vocabulary tokens are skipped (small tokenizers)
-absorption_max_words = 1_500       # 0 = every alphabetic token (SAEBench); else a seeded sample of this many
+absorption_max_words = 10_000      # 0 = every alphabetic token (SAEBench); else a seeded sample of this many
 absorption_cos_full = 0.025
 absorption_cos_fraction = 0.1
 absorption_projection_share = 0.4
@@ -118,10 +118,14 @@ absorption_max_absorbers = 3
 absorption_min_main_f1 = 0.5       # validity: main latents' mean F1 against the letter labels below this = untestable
 absorption_sensitivity = True      # + the score under centred P, scale-normalised probe latents, another probe seed
 # sparse probing (§3): (task name, dataset folder, classes)
-probing_tasks = [  # AG News topics (the wheel's class names corrected: prepare.py)
-    ("ag_news_topics", "sae_probes_news", ["business", "scitech", "sports", "world"])]
-probing_train_per_class = 300      # train texts per class and one-vs-rest probe (SAEBench: 2000)
-probing_test_per_class = 100       # test texts per class and one-vs-rest probe (SAEBench: 500)
+probing_tasks = [  # prepare.py's sae_probes_probing: AG News topics, then three binary tasks
+    ("ag_news_topics", "sae_probes_probing/ag_news", ["business", "scitech", "sports", "world"]),
+    ("offensive_tweets", "sae_probes_probing/offensive", ["offensive", "other"]),
+    ("human_or_gpt3", "sae_probes_probing/ai_text", ["human", "gpt3"]),
+    ("clickbait_headlines", "sae_probes_probing/clickbait", ["clickbait", "factual"])]
+probing_train_per_class = 500      # train texts per class and one-vs-rest probe (SAEBench: 2000; at most
+                                   # 5 latents a probe, and the encode of every token is the cost; clickbait has ~300)
+probing_test_per_class = 500       # test texts per class and one-vs-rest probe (SAEBench: 500)
 probing_ctx = 128
 probing_ks = [1, 2, 5]
 # SCR (§4): (dataset folder, class 1, class 2, attribute 1, attribute 2); TPP (§5): as probing_tasks
@@ -130,7 +134,8 @@ scr_runs = [  # ETHICS: the act is wrong or not x the text is a Reddit post or a
 scr_train_per_cell = 150
 scr_test_per_cell = 50
 scr_probe_batch = 16               # controls how much of the spurious signal the probe learns (§4)
-tpp_tasks = probing_tasks
+tpp_tasks = probing_tasks[:1]      # AG News: on a binary task the other class's probe is the same
+                                   # split mirrored, so TPP's intended and unintended effects cancel
 ablation_ns = [2, 5, 10, 20, 50, 100, 500]
 headline_n = 20
 ablation_positions = "valid"       # "valid": ablate at a text's valid positions only (§4.4, our
@@ -142,8 +147,9 @@ ood_tasks = [(name, f"sae_probes_ood/id/{name}.jsonl", f"sae_probes_ood/ood/{nam
     "67_social-security", "73_control-group", "87_glue_cola", "90_glue_qnli")]
 ood_max_tokens = 128
 ood_ks = [128, 16]
-ood_pool_rows = 400                # training rows come from the first ood_pool_rows ID rows
-ood_train_per_class = 150
+ood_pool_rows = 1_500              # training rows come from the first ood_pool_rows ID rows (SAE-Probes: 1,500)
+ood_train_per_class = 512          # SAE-Probes' 512 a class; C by find_best_reg, which at these sizes holds
+                                   # out the last 100 rows as SAE-Probes' get_cv does (§6.5)
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _EPS = 1e-8                        # §2: a main latent with |a| below this is silent
@@ -1276,12 +1282,17 @@ def probing_replicates(tasks, cfg, k):
 def run_sparse_probing(llm, saes, cfg):
     """§3 on every SAE beside its null (null_sae at the SAE's L0 on the first task's train-text
     tokens), with a bootstrap over test texts and a validity verdict: testable when the top-1
-    accuracy is clearly above its null (the paired 95% interval of score − null above 0)."""
+    accuracy is clearly above its null (the paired 95% interval of score − null above 0). A
+    binary task is scored on its first class's split only: SAEBench scores both, which (with as
+    many texts in each class) hold the same texts with the labels swapped, so the top-k
+    accuracies come out the same at twice the cost."""
     per_task = [dict() for _ in saes]
     boot = [dict(sae=[], null=[]) for _ in saes]
     nulls = [None] * len(saes)
     for t, task in enumerate(cfg.probing_tasks):
         train, test, splits = probing_data(llm, cfg, task, task[0])
+        if len(splits) == 2:  # §3.2: a binary task's two one-vs-rest splits are one split mirrored
+            splits = dict(list(splits.items())[:1])
         print(f"  sparse probing {task[0]}: {len(train.labels)}/{len(test.labels)} train/test texts")
         llm_top_k, llm_dense, _ = probing_accuracies(train.pooled, test.pooled, splits, cfg.probing_ks,
                                                      cfg.eval_seed)

@@ -116,7 +116,9 @@ absorption_cos_fraction = 0.1
 absorption_projection_share = 0.4
 absorption_max_absorbers = 3
 absorption_min_main_f1 = 0.5       # validity: main latents' mean F1 against the letter labels below this = untestable
-absorption_sensitivity = True      # + the score under centred P, scale-normalised probe latents, another probe seed
+absorption_sensitivity = False     # + the score under centred P, scale-normalised probe latents, another probe seed;
+                                   # off by default: at 10,000 words their two k-sparse probe refits cost as much as
+                                   # SAEBench's figure and its null together (~50 s an SAE on 2 loaded cores, README)
 # sparse probing (§3): (task name, dataset folder, classes)
 probing_tasks = [  # prepare.py's sae_probes_probing: AG News topics, then three binary tasks
     ("ag_news_topics", "sae_probes_probing/ag_news", ["business", "scitech", "sports", "world"]),

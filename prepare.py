@@ -919,7 +919,7 @@ def prepare_tokens(cfg, tokenizer):
 #     own mixes (157-163). Binary sets left out of sparse probing: 92_glue_sst2 (Rotten Tomatoes
 #     phrases: 174 equal a training text up to case and punctuation), too few texts (95_toxic_is,
 #     96_spam_is, 41_truthqa_tf), and true/false statements that layer 6's dense probe reads at
-#     chance (36_sciq_tf 0.53, 54_cs_tf 0.54 on 80 test texts a class, against 0.83 for 107 and
+#     chance (36_sciq_tf 0.53, 54_cs_tf 0.54 on 80-100 test texts a class, against 0.83 for 107 and
 #     0.78 for 110); 106_hate_hate reads at 0.58.
 
 SAE_PROBES_TRAIN = (

@@ -110,18 +110,24 @@ absorption_f1_jump = 0.03
 absorption_probe_f1_gate = 0.6     # letters whose ground-truth probe F1 is lower are dropped
 absorption_min_letters = 20        # fewer kept letters: a warning (SAEBench aborts)
 absorption_min_letter_tokens = 10  # letters with fewer vocabulary tokens are skipped (small tokenizers)
-absorption_max_words = 1_500       # 0 = every alphabetic token (SAEBench); else a seeded sample of this many
+absorption_max_words = 10_000      # 0 = every alphabetic token (SAEBench); else a seeded sample of this many
 absorption_cos_full = 0.025
 absorption_cos_fraction = 0.1
 absorption_projection_share = 0.4
 absorption_max_absorbers = 3
 absorption_min_main_f1 = 0.5       # validity: main latents' mean F1 against the letter labels below this = untestable
-absorption_sensitivity = True      # + the score under centred P, scale-normalised probe latents, another probe seed
+absorption_sensitivity = False     # + the score under centred P, scale-normalised probe latents, another probe seed;
+                                   # off by default: at 10,000 words their two k-sparse probe refits cost as much as
+                                   # SAEBench's figure and its null together (~50 s an SAE on 2 loaded cores, README)
 # sparse probing (§3): (task name, dataset folder, classes)
-probing_tasks = [  # AG News topics (the wheel's class names corrected: prepare.py)
-    ("ag_news_topics", "sae_probes_news", ["business", "scitech", "sports", "world"])]
-probing_train_per_class = 300      # train texts per class and one-vs-rest probe (SAEBench: 2000)
-probing_test_per_class = 100       # test texts per class and one-vs-rest probe (SAEBench: 500)
+probing_tasks = [  # prepare.py's sae_probes_probing: AG News topics, then three binary tasks
+    ("ag_news_topics", "sae_probes_probing/ag_news", ["business", "scitech", "sports", "world"]),
+    ("offensive_tweets", "sae_probes_probing/offensive", ["offensive", "other"]),
+    ("human_or_gpt3", "sae_probes_probing/ai_text", ["human", "gpt3"]),
+    ("clickbait_headlines", "sae_probes_probing/clickbait", ["clickbait", "factual"])]
+probing_train_per_class = 500      # train texts per class and one-vs-rest probe (SAEBench: 2000; at most
+                                   # 5 latents a probe, and the encode of every token is the cost; clickbait has ~300)
+probing_test_per_class = 500       # test texts per class and one-vs-rest probe (SAEBench: 500)
 probing_ctx = 128
 probing_ks = [1, 2, 5]
 # SCR (§4): (dataset folder, class 1, class 2, attribute 1, attribute 2); TPP (§5): as probing_tasks
@@ -130,7 +136,8 @@ scr_runs = [  # ETHICS: the act is wrong or not x the text is a Reddit post or a
 scr_train_per_cell = 150
 scr_test_per_cell = 50
 scr_probe_batch = 16               # controls how much of the spurious signal the probe learns (§4)
-tpp_tasks = probing_tasks
+tpp_tasks = probing_tasks[:1]      # AG News: on a binary task the other class's probe is the same
+                                   # split mirrored, so TPP's intended and unintended effects cancel
 ablation_ns = [2, 5, 10, 20, 50, 100, 500]
 headline_n = 20
 ablation_positions = "valid"       # "valid": ablate at a text's valid positions only (§4.4, our
@@ -142,8 +149,9 @@ ood_tasks = [(name, f"sae_probes_ood/id/{name}.jsonl", f"sae_probes_ood/ood/{nam
     "67_social-security", "73_control-group", "87_glue_cola", "90_glue_qnli")]
 ood_max_tokens = 128
 ood_ks = [128, 16]
-ood_pool_rows = 400                # training rows come from the first ood_pool_rows ID rows
-ood_train_per_class = 150
+ood_pool_rows = 1_500              # training rows come from the first ood_pool_rows ID rows (SAE-Probes: 1,500)
+ood_train_per_class = 512          # SAE-Probes' 512 a class; C by find_best_reg, which at these sizes holds
+                                   # out the last 100 rows as SAE-Probes' get_cv does (§6.5)
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _EPS = 1e-8                        # §2: a main latent with |a| below this is silent
@@ -274,30 +282,36 @@ def tokenize(tokenizer, texts, bos_id, max_len, keep="start"):
 def residuals(m, rows, layer, batch_rows, positions=None, desc="residuals"):
     """Residual stream after block `layer` (fp32, CPU) for token rows (lists of ids, right-padded).
     positions=None: every valid position (no BOS/EOS/pad), flattened to (N, d), plus the number of
-    valid positions per row (n_rows,). Else one position per row, (n_rows, d)."""
+    valid positions per row (n_rows,). Else one position per row, (n_rows, d). Rows are batched
+    in order of length, so a batch pads little (texts of 15-130 tokens padded to their batch's
+    longest cost twice their tokens); the outputs keep the rows' order."""
     device = next(m.parameters()).device
     pad_id = m.cfg.pad_token_id if m.cfg.pad_token_id is not None else m.cfg.eos_token_id
-    out, counts, t0 = [], [], time.time()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # stable: equal lengths keep their order
+    out, t0 = [None] * len(rows), time.time()
     n_batches = math.ceil(len(rows) / batch_rows)
     for b, start in enumerate(range(0, len(rows), batch_rows)):
-        batch = rows[start:start + batch_rows]
-        width = max(len(r) for r in batch)
-        idx = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
-            idx[i, :len(r)] = torch.tensor(r)
-            attention[i, :len(r)] = 1
+        which = order[start:start + batch_rows]
+        width = max(len(rows[i]) for i in which)
+        idx = torch.full((len(which), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(which), width), dtype=torch.long)
+        for j, i in enumerate(which):
+            idx[j, :len(rows[i])] = torch.tensor(rows[i])
+            attention[j, :len(rows[i])] = 1
         idx, attention = idx.to(device), attention.to(device)
         resid = m.resid_post(idx, layer, attention).float()
         if positions is None:
             valid = m.valid_mask(idx, attention)
-            out.append(resid[valid].cpu())
-            counts.append(valid.sum(1).cpu())
+            for j, i in enumerate(which):
+                out[i] = resid[j, valid[j]].cpu()
         else:
-            pos = torch.tensor(positions[start:start + len(batch)], device=device)
-            out.append(resid[torch.arange(len(batch), device=device), pos].cpu())
+            pos = torch.tensor([positions[i] for i in which], device=device)
+            for j, row in zip(which, resid[torch.arange(len(which), device=device), pos].cpu()):
+                out[j] = row
         _progress(desc, b + 1, n_batches, t0)
-    return (torch.cat(out), torch.cat(counts)) if positions is None else torch.cat(out)
+    if positions is None:
+        return torch.cat(out), torch.tensor([len(a) for a in out], dtype=torch.long)
+    return torch.stack(out)
 
 
 def _process_exists(pid):
@@ -908,30 +922,33 @@ def latent_f1(active, y):
     return dict(f1=f1_score(active, y), precision=precision, recall=recall)
 
 
-def best_single_latent_f1(f_train, y_train, f_test, y_test):
+def best_single_latent_f1(fires_train, y_train, fires_test, y_test):
     """The one latent whose firing best predicts the letter: picked by F1 on the train words,
-    its F1 on the test words. Returns (latent, test F1)."""
-    def f1s(f, y):
-        active = (f.abs() > _EPS).float()  # counts stay exact in float32 below 2^24 words
+    its F1 on the test words. fires_*: (n, F) float, 1 where a latent fires (|a| > _EPS), made
+    once per SAE rather than once per letter. Returns (latent, test F1)."""
+    def f1s(fires, y):
         y = torch.as_tensor(np.asarray(y, bool)).float()
-        return 2 * (active * y[:, None]).sum(0) / (active.sum(0) + y.sum()).clamp(min=1)
+        return 2 * (y @ fires) / (fires.sum(0) + y.sum()).clamp(min=1)  # counts exact in float32 below 2^24 words
 
-    best = int(f1s(f_train, y_train).argmax())
-    return best, float(f1s(f_test[:, best:best + 1], y_test)[0])
+    best = int(f1s(fires_train, y_train).argmax())
+    return best, float(f1s(fires_test[:, best:best + 1], y_test)[0])
 
 
-def absorption_of_sae(sae, h, cfg, seed=None, scale=1.0, centre=None):
+def absorption_of_sae(sae, h, cfg, seed=None, scale=1.0, centre=None, main=None):
     """§2.3-8 for one SAE on the shared harvest h (run_absorption): main latents by the k-sparse
-    probe on the latents divided by `scale`, then per letter the words' full absorption and
+    probe on the latents divided by `scale` (or `main`, {letter: (main latents, [F1_k])}, as
+    k_sparse_main_latents returned them), then per letter the words' full absorption and
     fraction, the main latents' F1 against the ground-truth labels on the test words, and the
     cosine with the probe of each fully absorbed word's top projector. SAEBench's figure is
     seed = eval_seed, scale = 1, centre = None. Returns {letter index: dict}."""
     f_train, f_test = encode(sae, h.x_train, cfg.sae_batch_tokens), encode(sae, h.x_test, cfg.sae_batch_tokens)
-    main = k_sparse_main_latents(f_train / scale, h.letters_train, f_test / scale, h.letters_test, h.evaluated,
-                                 cfg.absorption_max_k, cfg.absorption_f1_jump,
-                                 cfg.eval_seed if seed is None else seed)
+    if main is None:
+        main = k_sparse_main_latents(f_train / scale, h.letters_train, f_test / scale, h.letters_test,
+                                     h.evaluated, cfg.absorption_max_k, cfg.absorption_f1_jump,
+                                     cfg.eval_seed if seed is None else seed)
     f_words = encode(sae, h.x_words, cfg.sae_batch_tokens)
     W_dec = sae.W_dec.detach().float().cpu()
+    fires_train, fires_test = (f_train.abs() > _EPS).float(), (f_test.abs() > _EPS).float()
     per_letter = {}
     for c in h.evaluated:
         rows = h.letters_words == c
@@ -947,7 +964,7 @@ def absorption_of_sae(sae, h, cfg, seed=None, scale=1.0, centre=None):
             absorber_cos = cos[top[full]].tolist()
         y_test = h.letters_test == c
         main_fires = (f_test[:, main[c][0]].abs() > _EPS).any(1).numpy() if main[c][0] else np.zeros(len(y_test), bool)
-        best, best_f1 = best_single_latent_f1(f_train, h.letters_train == c, f_test, y_test)
+        best, best_f1 = best_single_latent_f1(fires_train, h.letters_train == c, fires_test, y_test)
         letter_words = [w for _, w, letter in h.words if letter == c]
         per_letter[c] = dict(f1_probe=h.f1_probe[c], n_tp=int(rows.sum()), n_full=int(full.sum()),
                              fraction_sum=float(fraction.sum()), n_main=len(main[c][0]),
@@ -1072,7 +1089,7 @@ def absorption_result(sae, h, cfg):
     r["diagnostics"] = _absorption_diagnostics(per_letter, kept, cfg, margin)
     r["validity"] = _absorption_validity(r, cfg)
     if cfg.absorption_sensitivity:
-        r["sensitivity"], r["sensitivity_how"] = _absorption_sensitivity(sae, h, cfg)
+        r["sensitivity"], r["sensitivity_how"] = _absorption_sensitivity(sae, h, cfg, per_letter)
     r["per_letter"] = {_LETTERS[c]: {key: v for key, v in d.items() if key not in ("full", "fraction", "absorber_cos")}
                        for c, d in per_letter.items()}
     return r
@@ -1126,14 +1143,17 @@ def _interval(ci):
     return "none" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _absorption_sensitivity(sae, h, cfg):
+def _absorption_sensitivity(sae, h, cfg, per_letter):
     """Mean full absorption under the choices that move it without any change in absorption
     (README: absorption), each a separate computation; SAEBench's figure stays the primary one.
-    Returns ({row: mean full absorption}, one line saying how)."""
+    The centred projection keeps per_letter's main latents (SAEBench's figure's: the k-sparse
+    probe does not see P); the other two refit the probe. Returns ({row: mean full absorption},
+    one line saying how)."""
     f_train = encode(sae, h.x_train, cfg.sae_batch_tokens)
     active = f_train[f_train != 0]
     scale = float(active.abs().mean()) if len(active) else 1.0
-    rows = dict(centred_projection=dict(centre=h.x_train.double().mean(0)),
+    main = {c: (d["main_latents"], d["k_sparse_f1"]) for c, d in per_letter.items()}
+    rows = dict(centred_projection=dict(centre=h.x_train.double().mean(0), main=main),
                 scale_normalised_probe=dict(scale=scale),
                 probe_seed_plus_1=dict(seed=cfg.eval_seed + 1))
     out = {}
@@ -1271,12 +1291,17 @@ def probing_replicates(tasks, cfg, k):
 def run_sparse_probing(llm, saes, cfg):
     """§3 on every SAE beside its null (null_sae at the SAE's L0 on the first task's train-text
     tokens), with a bootstrap over test texts and a validity verdict: testable when the top-1
-    accuracy is clearly above its null (the paired 95% interval of score − null above 0)."""
+    accuracy is clearly above its null (the paired 95% interval of score − null above 0). A
+    binary task is scored on its first class's split only: SAEBench scores both, which (with as
+    many texts in each class) hold the same texts with the labels swapped, so the top-k
+    accuracies come out the same at twice the cost."""
     per_task = [dict() for _ in saes]
     boot = [dict(sae=[], null=[]) for _ in saes]
     nulls = [None] * len(saes)
     for t, task in enumerate(cfg.probing_tasks):
         train, test, splits = probing_data(llm, cfg, task, task[0])
+        if len(splits) == 2:  # §3.2: a binary task's two one-vs-rest splits are one split mirrored
+            splits = dict(list(splits.items())[:1])
         print(f"  sparse probing {task[0]}: {len(train.labels)}/{len(test.labels)} train/test texts")
         llm_top_k, llm_dense, _ = probing_accuracies(train.pooled, test.pooled, splits, cfg.probing_ks,
                                                      cfg.eval_seed)

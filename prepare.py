@@ -78,7 +78,7 @@ val_fraction = 0.02             # share of the tokens (whole documents) written 
 seed = 0                        # the tiny model's random weights
 # evaluation sets (Step 3)
 eval_data_dir = "data/eval"     # one folder per set; evaluate.py reads them from here
-eval_sets = ["sae_probes_news", "sae_probes_ethics", "sae_probes_ood"]  # the sets to build, names
+eval_sets = ["sae_probes_probing", "sae_probes_ethics", "sae_probes_ood"]  # the sets to build, names
                                 # of EVAL_SETS (end of file):
                                 # stdlib_* offline, sae_probes_* from the sae-probes wheel (offline),
                                 # SAEBench's hub datasets (network, pyarrow)
@@ -911,16 +911,27 @@ def prepare_tokens(cfg, tokenizer):
 #     113_movie_sent      Rotten Tomatoes snippets (Pang & Lee 2005)
 #     99_sci_cat          Reddit answers on science (Kaggle vivmankar)
 #   evaluation:
-#     97_news_class       sparse probing and TPP: AG News (Zhang et al. 2015), four topics
+#     SAE_PROBES_PROBING  sparse probing (TPP: AG News only): AG News (97_news_class, Zhang et al.
+#                         2015), four topics; and three binary tasks, each with more than 500
+#                         distinct texts a class: 107_hate_offensive (Davidson et al. 2017's
+#                         "offensive language" tweets against its other two classes, hate speech
+#                         and neither), 110_aimade_humangpt3 (human texts against GPT-3's rewrites
+#                         of such texts: tweets, PubMed, sports commentary) and 105_click_bait
+#                         (generated clickbait against factual headlines)
 #     48_cm_correct       SCR: ETHICS commonsense morality (Hendrycks et al. 2021, MIT), wrong or
 #                         not, crossed with the text's origin (a Reddit AITA post or a one-line
 #                         scenario)
 #     SAE_PROBES_OOD      the wheel's 8 OOD pairs: hist_fig (Gurnee & Tegmark 2024), phrase
 #                         bigrams from the Pile (Gurnee et al. 2023), GLUE CoLA and QNLI
 #   used by neither: the rest of those families (AG News 139-141 and 161-163, ETHICS 49-52,
-#     hist_fig 2-7, phrases 65-85, GLUE 87-93 and 136-138), and text that is not prose: code,
-#     names and places, templated questions, stop-word-stripped tickets, essays lower-cased
-#     without punctuation (94_ai_gen), SAEBench's own mixes (157-163).
+#     hist_fig 2-7, phrases 65-85, GLUE 87-93 and 136-138, hate speech 106, which shares 723
+#     texts with 107), and text that is not prose: code, names and places, templated questions,
+#     stop-word-stripped tickets, essays lower-cased without punctuation (94_ai_gen), SAEBench's
+#     own mixes (157-163). Binary sets left out of sparse probing: 92_glue_sst2 (Rotten Tomatoes
+#     phrases: 174 equal a training text up to case and punctuation), too few texts (95_toxic_is,
+#     96_spam_is, 41_truthqa_tf), and true/false statements that layer 6's dense probe reads at
+#     chance (36_sciq_tf 0.53, 54_cs_tf 0.54 on 80-100 test texts a class, against 0.83 for 107 and
+#     0.78 for 110); 106_hate_hate reads at 0.58.
 
 SAE_PROBES_TRAIN = (
     "100_news_fake", "98_cancer_cat", "101_disease_class", "111_yelp_data",
@@ -933,10 +944,14 @@ SAE_PROBES_TRAIN = (
 SAE_PROBES_OOD = ("5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician",
                   "66_living-room", "67_social-security", "73_control-group", "87_glue_cola",
                   "90_glue_qnli")
-SAE_PROBES_EVAL = ("97_news_class", "48_cm_correct") + SAE_PROBES_OOD
-_AG_NEWS_TOPICS = {  # the wheel's names for AG News's classes -> what the texts are about (read
-    # from samples: its "Technology" rows are business news, its "Entertainment" rows sci/tech)
-    "Politics": "world", "Sport": "sports", "Technology": "business", "Entertainment": "scitech"}
+SAE_PROBES_PROBING = {  # sae_probes_probing/<folder>: (dataset, its labels -> ours)
+    "ag_news": ("97_news_class", {  # the wheel's names for AG News's classes -> what the texts are
+        # about (read from samples: its "Technology" rows are business news, "Entertainment" sci/tech)
+        "Politics": "world", "Sport": "sports", "Technology": "business", "Entertainment": "scitech"}),
+    "offensive": ("107_hate_offensive", {"1": "offensive", "0": "other"}),
+    "ai_text": ("110_aimade_humangpt3", {"0": "human", "1": "gpt3"}),
+    "clickbait": ("105_click_bait", {"clickbait": "clickbait", "factual": "factual"})}
+SAE_PROBES_EVAL = tuple(name for name, _ in SAE_PROBES_PROBING.values()) + ("48_cm_correct",) + SAE_PROBES_OOD
 
 
 def sae_probes_data():
@@ -977,7 +992,9 @@ def sae_probes_documents():
 # Step 3: the evaluation sets
 
 _EVAL_SEED = 42                  # their shuffles and train/test splits (SAEBench's seed)
-_EVAL_TEST_SHARE = 0.2           # of a set's distinct texts, for the sae-probes sets
+_EVAL_TEST_SHARE = 0.2           # of a set's distinct texts, for the sae-probes SCR set
+_PROBING_TEST_PER_CLASS = 500    # distinct test texts per class of a probing task (SAEBench's
+                                 # test size), the rest train: AG News's ~1,220 a topic leave ~720
 _STDLIB_PACKAGES = ("asyncio", "email", "importlib", "logging", "tkinter")  # most docstrings
 _OOD_ROWS_PER_CLASS = 150
 
@@ -992,17 +1009,31 @@ def _write_eval_set(eval_data_dir, name, files, source):
           f"{sum(len(rows) for rows in files.values()):,} rows)")
 
 
-def _train_test(rows):
+def _train_test(rows, test_per_class=None, folder=""):
     """The distinct texts (a text found with two labels is dropped: it cannot be probed), in a
-    seeded shuffle, split into train and test."""
+    seeded shuffle, split into train and test: the first test_per_class texts of each label are
+    test, or (None) the last _EVAL_TEST_SHARE of them all. Files named under `folder`."""
     labels = {}
     for r in rows:
         labels.setdefault(r["text"], set()).add(r["label"])
     first = {r["text"]: r for r in reversed(rows)}
     distinct = [first[text] for text, found in labels.items() if len(found) == 1]
     random.Random(_EVAL_SEED).shuffle(distinct)
-    cut = round(len(distinct) * (1 - _EVAL_TEST_SHARE))
-    return {"train.jsonl": distinct[:cut], "test.jsonl": distinct[cut:]}
+    if test_per_class is None:
+        cut = round(len(distinct) * (1 - _EVAL_TEST_SHARE))
+        train, test = distinct[:cut], distinct[cut:]
+    else:
+        by_label = {}
+        for r in distinct:
+            by_label.setdefault(r["label"], []).append(r["text"])
+        short = sorted(label for label, texts in by_label.items() if len(texts) <= test_per_class)
+        if short:
+            raise ValueError(f"{folder}: labels {short} have no more than {test_per_class} distinct "
+                             "texts, none left to train on")
+        in_test = {text for texts in by_label.values() for text in texts[:test_per_class]}
+        train = [r for r in distinct if r["text"] not in in_test]
+        test = [r for r in distinct if r["text"] in in_test]
+    return {os.path.join(folder, "train.jsonl"): train, os.path.join(folder, "test.jsonl"): test}
 
 
 def stdlib_docstrings():
@@ -1068,11 +1099,15 @@ def _sae_probes_source(names):
     return f"the sae-probes wheel's {', '.join(names)} (in {sae_probes_data()})"
 
 
-def build_sae_probes_news(eval_data_dir, name):
-    """Sparse probing and TPP (§3, §5): AG News in its four topics, a third of ag_news's size."""
-    rows = [{"text": r["text"], "label": _AG_NEWS_TOPICS[r["label"]]}
-            for r in sae_probes_rows("97_news_class")]
-    _write_eval_set(eval_data_dir, name, _train_test(rows), _sae_probes_source(["97_news_class"]))
+def build_sae_probes_probing(eval_data_dir, name):
+    """Sparse probing and TPP (§3, §5): <folder>/{train,test}.jsonl for each task of
+    SAE_PROBES_PROBING, its labels renamed, _PROBING_TEST_PER_CLASS test texts a class."""
+    files = {}
+    for folder, (dataset, labels) in SAE_PROBES_PROBING.items():
+        rows = [{"text": r["text"], "label": labels[r["label"]]} for r in sae_probes_rows(dataset)]
+        files.update(_train_test(rows, _PROBING_TEST_PER_CLASS, folder))
+    _write_eval_set(eval_data_dir, name, files,
+                    _sae_probes_source([dataset for dataset, _ in SAE_PROBES_PROBING.values()]))
 
 
 def build_sae_probes_ethics(eval_data_dir, name):
@@ -1197,7 +1232,7 @@ def fetch_hub_dataset(eval_data_dir, name):
 
 EVAL_SETS = {  # name (its folder under eval_data_dir) -> the function that builds it
     "stdlib_docs": build_stdlib_sets, "stdlib_kind": build_stdlib_sets,
-    "sae_probes_news": build_sae_probes_news, "sae_probes_ethics": build_sae_probes_ethics,
+    "sae_probes_probing": build_sae_probes_probing, "sae_probes_ethics": build_sae_probes_ethics,
     "sae_probes_ood": build_sae_probes_ood,
     **dict.fromkeys(("bias_in_bios", "amazon_reviews", "amazon_sentiment", "ag_news", "europarl",
                      "github_code", "openwebtext"), fetch_hub_dataset)}

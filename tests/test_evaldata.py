@@ -54,6 +54,11 @@ def wheel(tmp_path, monkeypatch):
     news += [("Politics story 0, with \"quotes\", commas\nand a line break.", "Politics"),  # again
              ("A story filed under two topics.", "Sport"), ("A story filed under two topics.", "Politics")]
     write_csv_zst(data / "cleaned_data" / "97_news_class.csv.zst", news)
+    binary = {"107_hate_offensive": ("1", "0"), "110_aimade_humangpt3": ("0", "1"),
+              "105_click_bait": ("clickbait", "factual")}
+    for name, labels in binary.items():
+        write_csv_zst(data / "cleaned_data" / f"{name}.csv.zst",
+                      [(f"{name} text {i} of {label}", label) for label in labels for i in range(6)])
     ethics = [(f"I took my neighbour's {thing} without asking.", "1") for thing in ("car", "dog", "lamp")]
     ethics += [(f"I returned my neighbour's {thing}.", "0") for thing in ("car", "dog", "lamp")]
     ethics += [(f"AITA for skipping {event}? | Long story, version {label}.", label)
@@ -114,9 +119,10 @@ def test_training_and_evaluation_use_different_datasets_of_the_wheel():
     assert set(prepare.SAE_PROBES_OOD) <= set(prepare.SAE_PROBES_EVAL)
 
 
-def test_the_sae_probes_sets(wheel, tmp_path, capsys):
+def test_the_sae_probes_sets(wheel, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prepare, "_PROBING_TEST_PER_CLASS", 3)  # of the fake wheel's 10 news, 6 binary texts a class
     cfg = SimpleNamespace(eval_data_dir=str(tmp_path / "eval"),
-                          eval_sets=["sae_probes_news", "sae_probes_ethics", "sae_probes_ood"])
+                          eval_sets=["sae_probes_probing", "sae_probes_ethics", "sae_probes_ood"])
     prepare.prepare_eval_sets(cfg)
     assert set(wheel.read) <= set(prepare.SAE_PROBES_EVAL) | {f"{t}_OOD" for t in prepare.SAE_PROBES_OOD}
 
@@ -124,15 +130,24 @@ def test_the_sae_probes_sets(wheel, tmp_path, capsys):
         return prepare.read_eval_rows(cfg.eval_data_dir, relative)
 
     # news: the topics named by what the texts are about; distinct texts, none in both splits, a
-    # text filed under two topics dropped
-    train, test = rows("sae_probes_news/train.jsonl"), rows("sae_probes_news/test.jsonl")
+    # text filed under two topics dropped; 3 test texts a topic, the rest train
+    train, test = rows("sae_probes_probing/ag_news/train.jsonl"), rows("sae_probes_probing/ag_news/test.jsonl")
     assert {r["label"] for r in train + test} == {"world", "sports", "business", "scitech"}
     topics = {"Politics": "world", "Sport": "sports", "Technology": "business", "Entertainment": "scitech"}
     assert all(r["label"] == topics[r["text"].split()[0]] for r in train + test)
     texts = [r["text"] for r in train + test]
-    assert len(texts) == len(set(texts)) == 40 and len(test) == 8
+    assert len(texts) == len(set(texts)) == 40 and sorted(r["label"] for r in test) == sorted(list(topics.values()) * 3)
     assert "A story filed under two topics." not in texts
     assert any("\n" in t and '"quotes"' in t for t in texts)  # quoted CSV fields survive
+    # the binary tasks: their labels renamed, 3 test texts a class and 3 to train on
+    for folder, named in (("offensive", {"1": "offensive", "0": "other"}), ("ai_text", {"0": "human", "1": "gpt3"}),
+                          ("clickbait", {"clickbait": "clickbait", "factual": "factual"})):
+        train, test = rows(f"sae_probes_probing/{folder}/train.jsonl"), rows(f"sae_probes_probing/{folder}/test.jsonl")
+        for part in (train, test):
+            assert sorted(r["label"] for r in part) == sorted(list(named.values()) * 3)
+            assert all(r["label"] == named[r["text"].split()[-1]] for r in part)
+    meta = json.loads((tmp_path / "eval" / "sae_probes_probing" / "meta.json").read_text())
+    assert meta["rows"]["ag_news/test.jsonl"] == 12 and meta["rows"]["clickbait/train.jsonl"] == 6
     # ethics: the class from the wheel's label, the attribute from the text's origin
     ethics = rows("sae_probes_ethics/train.jsonl") + rows("sae_probes_ethics/test.jsonl")
     assert len(ethics) == len(wheel.ethics)
@@ -149,6 +164,12 @@ def test_the_sae_probes_sets(wheel, tmp_path, capsys):
     capsys.readouterr()
     prepare.prepare_eval_sets(cfg)
     assert capsys.readouterr().out.count("is complete; nothing to do") == 3
+
+
+def test_a_probing_class_without_texts_left_to_train_on_is_refused(wheel, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "_PROBING_TEST_PER_CLASS", 6)  # every fake binary class has 6 texts
+    with pytest.raises(ValueError, match=r"^offensive: labels \['offensive', 'other'\] have no more than 6 distinct"):
+        prepare.build_sae_probes_probing(str(tmp_path), "sae_probes_probing")
 
 
 def test_the_stdlib_sets(tmp_path):
@@ -195,7 +216,7 @@ def test_an_unknown_set_is_refused_before_any_work(tmp_path):
 def test_prepare_builds_every_set_that_evaluate_reads(configs):
     paths = [str(CONFIGS / name) for name in configs]
     reads, builds = configurator.configure(vars(evaluate), paths), configurator.configure(vars(prepare), paths)
-    needed = ({task[1] for task in reads.probing_tasks + reads.tpp_tasks} | {run[0] for run in reads.scr_runs}
+    needed = ({task[1].split("/")[0] for task in reads.probing_tasks + reads.tpp_tasks} | {run[0] for run in reads.scr_runs}
               | {file.split("/")[0] for _, *files in reads.ood_tasks for file in files}
               | ({reads.core_dataset} - {"val"}))
     assert needed <= set(builds.eval_sets) and builds.eval_data_dir == reads.eval_data_dir
@@ -226,6 +247,21 @@ def test_installed_wheel_no_text_is_both_trained_on_and_probed():
     probed = {r["text"] for name in prepare.SAE_PROBES_EVAL for r in prepare.sae_probes_rows(name)}
     probed |= {r["text"] for name in prepare.SAE_PROBES_OOD for r in prepare.sae_probes_rows(f"{name}_OOD", "OOD data")}
     assert not probed & trained
+
+
+@installed
+def test_installed_wheel_holds_the_default_evaluation_sizes(tmp_path):
+    """500 test texts a class for every probing task (and some to train on); SAE-Probes' OOD sizes:
+    1,500 ID rows in the pool and 512 of each class among them."""
+    prepare.build_sae_probes_probing(str(tmp_path), "sae_probes_probing")
+    for task, folder, classes in evaluate.probing_tasks:
+        for split in ("train", "test"):
+            labels = [r["label"] for r in prepare.read_eval_rows(str(tmp_path), f"{folder}/{split}.jsonl")]
+            counts = [labels.count(c) for c in classes]
+            assert (counts == [evaluate.probing_test_per_class] * len(classes)) if split == "test" else min(counts) > 250, task
+    for task in prepare.SAE_PROBES_OOD:
+        pool = [r["label"] for r in prepare.sae_probes_rows(task)][:evaluate.ood_pool_rows]
+        assert len(pool) == evaluate.ood_pool_rows and min(map(pool.count, set(pool))) >= evaluate.ood_train_per_class
 
 
 @installed

@@ -207,6 +207,8 @@ def test_residuals_drop_special_and_padding_positions(tiny_model):
     assert torch.allclose(acts[3], alone, atol=1e-5)  # right padding does not change a row
     last = ev.residuals(tiny_model, rows, 1, batch_rows=3, positions=[len(r) - 1 for r in rows])
     assert torch.allclose(last[1], alone, atol=1e-5)
+    one_by_one = ev.residuals(tiny_model, rows, 1, batch_rows=1)  # batched by length, returned in row order
+    assert torch.equal(one_by_one[1], counts) and torch.allclose(one_by_one[0], acts, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- §0 probes

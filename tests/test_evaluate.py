@@ -434,6 +434,7 @@ def test_run_absorption_finds_exactly_the_planted_absorbed_words(tmp_path, n_abs
     llm = SimpleNamespace(m=LetterLM(embedding), tokenizer=tokenizer, layer=0, dtype=torch.float32, key=["letters"],
                           cache_dir=str(tmp_path), batch_rows=64)
     cfg = SimpleNamespace(**configurator.defaults(vars(ev)))
+    cfg.bootstrap_samples = 100  # the interval is not checked here (tests/test_nulls.py), only the point estimates
     r = ev.run_absorption(llm, [s], cfg)[0]
     per_letter = r["per_letter"]
     assert r["n_letters_kept"] == 26 and per_letter["c"]["main_latents"] == [2]
@@ -732,7 +733,7 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
              "--probing_train_per_class=40", "--probing_test_per_class=20", "--scr_train_per_cell=20",
              "--scr_test_per_cell=10", "--ood_pool_rows=150", "--ood_train_per_class=40",
              "--absorption_min_letter_tokens=10", "--absorption_max_words=800", "--ood_max_tokens=64",
-             "--probing_ctx=32"]
+             "--probing_ctx=32", "--bootstrap_samples=100"]
     ev.main([str(tmp_path / "base")] + small)
     result = json.load(open(tmp_path / "base" / "k4" / "eval.json"))
     assert set(ev._RUNNERS) <= set(result)
@@ -747,7 +748,7 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
         if metric == "core":
             continue
         u = result[metric]["uncertainty"][key]
-        assert u["n_boot"] == len(u["replicates"]) == ev.bootstrap_samples and u["unit"]
+        assert u["n_boot"] == len(u["replicates"]) == 100 and u["unit"]
         assert len(other[metric]["uncertainty"][key]["replicates"]) == u["n_boot"]  # paired by replicate
         if metric in ("absorption", "sparse_probing", "ood"):
             assert len(result[metric]["null_uncertainty"][key]["replicates"]) == u["n_boot"]

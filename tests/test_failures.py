@@ -21,8 +21,7 @@ import model as model_lib
 import prepare
 import sae as sae_lib
 import train
-from conftest import TINY_CONFIG
-from test_train import fast_settings
+from conftest import TINY_CONFIG, fast_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -261,9 +260,8 @@ train.main(sys.argv[1:])
 
 
 @pytest.mark.parametrize("where", ["before_swap", "between_renames"])
-def test_kill_9_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_run(tiny, tmp_path, where):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train.main(fast_settings(tiny, straight))
+def test_kill_9_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_run(tiny, tiny_run, tmp_path, where):
+    straight, killed = tiny_run, tmp_path / "killed"
     driver = tmp_path / "driver.py"
     driver.write_text(_KILL_DURING_CHECKPOINT)
     env = {**os.environ, "KILL_WHERE": where, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -279,13 +277,13 @@ def test_kill_9_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_r
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_killed_between_the_last_checkpoint_and_the_last_export_then_resume_exports(tiny, tmp_path, monkeypatch):
+def test_killed_between_the_last_checkpoint_and_the_last_export_then_resume_exports(tiny, tiny_run, tmp_path,
+                                                                                   monkeypatch):
     """kill -9 after the step-30 (last) checkpoint, while the k4 export is being written: its
     sae.safetensors.tmp is half there and k8 still holds the step-20 export. The resume finds its
     checkpoint at the last step already, trains nothing, and must still end with the exports of
     that last state."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train.main(fast_settings(tiny, straight))
+    straight, killed = tiny_run, tmp_path / "killed"
     real_save, real_export, last = train.save_checkpoint, train.export_sae, []
 
     def save(*args, **kwargs):

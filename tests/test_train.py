@@ -25,17 +25,9 @@ import prepare
 import sae as sae_lib
 import train
 from configurator import ConfigError
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, fast_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def fast_settings(tiny, out_dir, *overrides):
-    return [TINY_CONFIG, f"--model_dir={tiny}/model", f"--tokens_dir={tiny}/tokens", f"--out_dir={out_dir}",
-            "--ctx_len=64", "--llm_batch_rows=8", "--buffer_tokens=2048", "--batch_size=256",
-            "--total_tokens=7680", "--ks=[4, 8]", "--dict_size=256", "--warmup_steps=5",
-            "--threshold_start=5", "--dead_tokens=2560", "--log_interval=10", "--ckpt_interval=10",
-            "--scale_tokens=1024", *overrides]
 
 
 def harvester(tiny, **settings):
@@ -319,9 +311,7 @@ def test_eta_is_the_mean_step_time_and_the_run_says_how_long_it_took(tiny, tmp_p
     assert re.search(r"done in [\d.]+ min: SAEs in", out)
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
-    train.main(fast_settings(tiny, tmp_path / "straight"))
-
+def test_a_killed_run_resumes_to_the_same_weights(tiny, tiny_run, tmp_path, monkeypatch):
     real_save, saves = train.save_checkpoint, []
 
     def save_then_die(*args, **kwargs):
@@ -336,7 +326,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     train.main(fast_settings(tiny, tmp_path / "killed", "--resume=True"))
     for k in (4, 8):
-        a = load_file(tmp_path / "straight" / f"k{k}" / "sae.safetensors")
+        a = load_file(tiny_run / f"k{k}" / "sae.safetensors")  # the same settings, uninterrupted
         b = load_file(tmp_path / "killed" / f"k{k}" / "sae.safetensors")
         assert a.keys() == b.keys()
         for name in a:  # the calibrated threshold included: the resumed run harvests the same clean tokens
@@ -370,12 +360,11 @@ def test_exports_are_calibrated_to_k_on_clean_val_tokens(tiny, tmp_path, capsys)
         assert f"k{k}: on 1,000 clean val tokens EMA θ" in out
 
 
-def test_threshold_ema_reproduces_the_uncalibrated_export(tiny, tmp_path):
+def test_threshold_ema_reproduces_the_uncalibrated_export(tiny, tiny_run, tmp_path):
     """threshold="ema" exports what train.py exported before calibration, byte for byte (the
     checkpoint's last state, folded, saved), with the calibration only recorded in cfg.json; and
-    the training itself never depends on the setting."""
+    the training itself never depends on the setting (tiny_run: the same run, calibrated)."""
     train.main(fast_settings(tiny, tmp_path / "ema", "--threshold=ema"))
-    train.main(fast_settings(tiny, tmp_path / "cal"))
     state, meta = train._read(str(tmp_path / "ema" / "checkpoint" / "state.safetensors"))
     for i, k in enumerate((4, 8)):
         exported = sae_lib.load(tmp_path / "ema" / f"k{k}").cfg
@@ -387,9 +376,9 @@ def test_threshold_ema_reproduces_the_uncalibrated_export(tiny, tmp_path):
         train.export_sae(s, meta["scale"], str(tmp_path / "before" / f"k{k}"))  # no calibration: as before
         ema, before = tmp_path / "ema" / f"k{k}", tmp_path / "before" / f"k{k}"
         assert (ema / "sae.safetensors").read_bytes() == (before / "sae.safetensors").read_bytes()
-        a, b = load_file(ema / "sae.safetensors"), load_file(tmp_path / "cal" / f"k{k}" / "sae.safetensors")
+        a, b = load_file(ema / "sae.safetensors"), load_file(tiny_run / f"k{k}" / "sae.safetensors")
         assert all(torch.equal(a[n], b[n]) for n in a if n != "threshold")
-        cal_cfg = sae_lib.load(tmp_path / "cal" / f"k{k}").cfg
+        cal_cfg = sae_lib.load(tiny_run / f"k{k}").cfg
         assert float(a["threshold"]) == cal_cfg["threshold_ema"] != cal_cfg["threshold_calibrated"]
         assert sae_lib.load(ema).cfg["threshold_used"] == "ema"
 

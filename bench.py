@@ -86,7 +86,7 @@ gemma_layers = 4                   # Gemma-2-2B shape with this many blocks, hoo
 gemma_dtype = "float32"            # Gemma runs in bfloat16 on a GPU, but bf16 GEMMs crawl on this CPU (~10 GFLOP/s)
 gemma_tokens = 1024                # one row of the longest ctx: the 256k-vocab head makes the full forward slow
 gemma3_layer = 6                   # hooked layer of the Gemma 3 270M-shaped model (18 blocks; -1 = skip)
-gemma3_dtype = "auto"              # float32 | bfloat16 | auto (as train.py's llm_dtype; fp32 on this CPU)
+gemma3_dtype = "auto"              # float32 | bfloat16 | auto (as train.py's llm_dtype: bf16 on a CPU with bf16 units)
 cache_batches = 4                  # cache row: LLM batches (harvest_tokens each, ctx_lens[0]) per timed run
 # sae step
 batch_size = 2048                  # B, the paper's

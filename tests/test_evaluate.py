@@ -738,7 +738,9 @@ def test_main_runs_every_metric_on_the_offline_tiny_default(tmp_path, capsys):
     result = json.load(open(tmp_path / "base" / "k4" / "eval.json"))
     assert set(ev._RUNNERS) <= set(result)
     assert result["core"]["tokens"] > 0 and 0 <= result["core"]["frac_alive"] <= 1
-    assert result["absorption"]["n_letters_kept"] >= 0
+    absorption = result["absorption"]  # the kept letters are those evaluated whose probe passes the F1 gate
+    assert absorption["n_letters_kept"] == len(absorption["letters_kept"])
+    assert not set(absorption["letters_kept"]) & set(absorption["letters_skipped_too_few_tokens"])
     assert 0 <= result["sparse_probing"]["sae_top_1_test_accuracy"] <= 1
     assert set(result["scr"]["per_run"]) == {"stdlib_docs:asyncio/email", "stdlib_docs:importlib/logging"}
     assert 0 <= result["ood"]["oracle_auc"] <= 1 and "gap_k128" in result["ood"]

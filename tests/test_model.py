@@ -380,7 +380,7 @@ def test_a_gpu_this_torch_cannot_use_is_one_clear_error():
 
 
 @pytest.mark.parametrize("cpu_features, cpu_dtype", [
-    ({"avx512_f": True}, "float32"),             # this machine: AVX512 only, bf16 GEMMs emulated (slow)
+    ({"avx512_f": True}, "float32"),             # AVX512 without bf16: bf16 GEMMs emulated (slow)
     ({"avx512_f": True, "avx512_bf16": True}, "bfloat16"),
     ({"amx_tile": True, "amx_bf16": True}, "bfloat16"),
     ({"architecture": "arm64", "bf16": True}, "bfloat16"),

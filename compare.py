@@ -56,7 +56,7 @@ PRIMARY = [("absorption", "mean_full_absorption_score", 20, (-0.0375, -0.0235)),
 _UNRELIABLE_WHY = ("An audit of SAE benchmarks (arXiv 2605.18229, 2026) finds TPP worsens the longer an SAE "
                    "trains and SCR anti-correlates with ground truth, so neither enters a verdict")
 _PAIR_KEYS = {"seed", "k", "l1_coefficient", "scale", "data_seed", "threshold_used", "calibration_l0",
-              "threshold_ema", "threshold_calibrated", "calibration_tokens"}  # vary inside one arm
+              "threshold_ema", "threshold_calibrated", "calibration_tokens", "calibration_l0_ema"}  # vary inside one arm
 _METHOD = (  # the README says the same
     "Intervals hold both levels of noise. Each SAE's eval.json stores bootstrap replicates of every "
     "metric over its evaluation sample (words, texts), replicate b being the same resample for every SAE "

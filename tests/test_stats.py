@@ -44,7 +44,9 @@ def fake_eval(p, seed, k, l0, ev_global, absorption=0.7, gap=0.05, sample=None, 
                 tpp=dict(tpp_metric=0.1, headline_n=20),
                 sae=f"out/p{p}_s{seed}/k{k}", settings=dict(absorption_probe_f1_gate=0.6),
                 sae_cfg=dict(mask_prob=p, seed=seed, k=k, model="data/tiny/model", layer=1, d_in=d_in,
-                             training_tokens=999_424, threshold_used="calibrated" if calibrated else "ema"))
+                             training_tokens=999_424, threshold_used="calibrated" if calibrated else "ema",
+                             # train.py's calibration records, different in every SAE: never an arm of their own
+                             threshold_ema=0.5 + 0.01 * seed + 0.001 * k, calibration_l0_ema=1.3 * l0))
 
 
 def two_arms(seeds, effect=0.05, l0s=((20, 26.0, 28.0), (80, 66.0, 70.0)), calibrated=False, d_in=640,

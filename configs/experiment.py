@@ -1,5 +1,6 @@
 # The experiment that can decide, on 2 CPU cores (README, "The experiment"). Designed and
-# pre-registered before it was run; STATUS: not run yet (the README says what is measured so far).
+# pre-registered before it was run. STATUS (README, The experiment): the gate ran at 0.26M and 2.1M
+# tokens, absorption untestable at both; arms A-D trained at seed 0 (262,144 tokens), not evaluated yet.
 #
 # Question: does masking the LLM's input tokens (p = 0.3) while harvesting lower first-letter
 # absorption and narrow the OOD probing gap, at equal sparsity on clean text?
@@ -52,7 +53,8 @@
 # and the seeds trade against each other: the README records the measured times.
 ks = [20, 80]                            # the two calibrated L0 of the primary endpoints
 dict_size = 2048
-total_tokens = 1_048_576                 # the gate's choice goes here (1M until it has run)
+total_tokens = 262_144                   # no budget up to 2.1M passed the gate; sized for the 2-hour budget
+dead_tokens = 5_242                      # 2% of the run, as measured for the default
 ckpt_interval = 256
 activation_cache = "data/cache/A"        # arm A's harvest; arms B and D name their own
 comparison_file = "out/exp_comparison.md"

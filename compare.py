@@ -14,7 +14,8 @@ besides seed, k, data_seed and the like) and paired by (seed, SAE); the first ru
 baseline. Primary endpoints, fixed before any run (the README says the same): Mean full absorption
 and the OOD gap to the oracle (k=128), each at L0 20 and 80, Δ = other arm − baseline, Holm's
 correction over the four. Everything else is secondary; SCR and TPP are shown as unreliable and
-never enter a verdict.
+never enter a verdict. Runs of one arm that differ in training tokens alone (the validity gate of
+configs/experiment.py) get the budget curve instead: each score beside its null, no verdict.
 """
 import functools
 import io
@@ -708,8 +709,7 @@ def budget_curve(by_tokens):
             pick = lambda saes: saes.get(name)
             saes = [pick(s) for s in arm.values() if pick(s) is not None]
             cells = []
-            for metric, key, label in (("absorption", "mean_full_absorption_score", "Mean full absorption"),
-                                       ("ood", "gap_k128", "OOD gap to oracle (k=128)")):
+            for metric, key in (("absorption", "mean_full_absorption_score"), ("ood", "gap_k128")):
                 score = _per_seed(arm, pick, _full_label(metric, key))
                 null = {seed: _null_measurement(pick(s), metric, key) for seed, s in arm.items()}
                 null = {seed: v for seed, v in null.items() if v[0] is not None}

@@ -265,17 +265,20 @@ def two_level(values, replicates, level=0.95):
     return out
 
 
+def summary(per_seed, level=0.95):
+    """two_level of {seed: (value, replicates or None)}."""
+    return two_level({s: v for s, (v, _) in per_seed.items()}, {s: r for s, (_, r) in per_seed.items()}, level)
+
+
 def paired(base, other, level=0.95):
     """base, other: {seed: (value, replicates or None)}. Each arm's two_level and, over the seeds
     both have, the Δ other − base of the pairs, replicate b against replicate b."""
-    split = lambda arm: ({s: v for s, (v, _) in arm.items()}, {s: r for s, (_, r) in arm.items()})
     seeds = [s for s in base if s in other and _finite(base[s][0]) and _finite(other[s][0])]
     diff = {}
     for s in seeds:
         (a, ra), (b, rb) = base[s], other[s]
         diff[s] = (b - a, rb - ra if ra is not None and rb is not None and len(ra) == len(rb) else None)
-    return dict(base=two_level(*split(base), level), other=two_level(*split(other), level),
-                delta=two_level(*split(diff), level))
+    return dict(base=summary(base, level), other=summary(other, level), delta=summary(diff, level))
 
 
 def holm(p_values):
@@ -710,10 +713,8 @@ def budget_curve(by_tokens):
             saes = [pick(s) for s in arm.values() if pick(s) is not None]
             cells = []
             for metric, key in (("absorption", "mean_full_absorption_score"), ("ood", "gap_k128")):
-                score = _per_seed(arm, pick, _full_label(metric, key))
-                null = {seed: _null_measurement(pick(s), metric, key) for seed, s in arm.items()}
-                null = {seed: v for seed, v in null.items() if v[0] is not None}
-                both = paired(null, score)
+                null = _null_per_seed(arm, pick, metric, key)
+                both = paired(null, _per_seed(arm, pick, _full_label(metric, key)))
                 cells.append([_cell(both["other"]), _cell(both["base"]) if null else "—",
                               _delta_cell(both["delta"]) if null else "—"])
             f1 = [((r.get("absorption") or {}).get("diagnostics") or {}).get("main_latents_f1") for r in saes]
@@ -740,15 +741,37 @@ def budget_report(by_tokens, arms):
             f"{budget_curve(by_tokens)}\n\n## What these numbers rest on\n\n{caveats(arms)}\n")
 
 
-def plot_budget(by_tokens, path):
-    """One PNG: mean full absorption and its null against training tokens (log axis), per SAE name,
-    with their 95% intervals. Skipped (with a note) without matplotlib."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend, or None (with a note) when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("note: matplotlib is not installed, no plot written")
+        return None
+    return plt
+
+
+def _save_png(plt, fig, path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    _write_atomic(path, buffer.getvalue())
+    print(f"wrote {path}")
+
+
+def _null_per_seed(arm, pick, metric, key):
+    """{seed: (null value, its replicates)} where the seed's SAE has a null."""
+    null = {seed: _null_measurement(pick(saes), metric, key) for seed, saes in arm.items() if pick(saes) is not None}
+    return {seed: v for seed, v in null.items() if v[0] is not None}
+
+
+def plot_budget(by_tokens, path):
+    """One PNG: mean full absorption and its null against training tokens (log axis), per SAE name,
+    with their 95% intervals. Skipped (with a note) without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
         return
     label = _full_label("absorption", "mean_full_absorption_score")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -758,15 +781,8 @@ def plot_budget(by_tokens, path):
         for which, style in (("SAE", dict(marker="o")), ("null", dict(marker="o", mfc="none", linestyle=":"))):
             points = []
             for tokens, arm in by_tokens.items():
-                if which == "SAE":
-                    s = two_level(*map(dict, zip(*[((seed, v), (seed, r)) for seed, (v, r) in
-                                                    _per_seed(arm, pick, label).items()])))
-                else:
-                    null = {seed: _null_measurement(pick(saes), "absorption", "mean_full_absorption_score")
-                            for seed, saes in arm.items() if pick(saes) is not None}
-                    null = {seed: v for seed, v in null.items() if v[0] is not None}
-                    s = two_level({k: v for k, (v, _) in null.items()}, {k: r for k, (_, r) in null.items()}) \
-                        if null else dict(n=0)
+                s = summary(_per_seed(arm, pick, label) if which == "SAE" else
+                            _null_per_seed(arm, pick, "absorption", "mean_full_absorption_score"))
                 if s["n"]:
                     err = [0.0, 0.0] if s["lo"] is None else [s["mean"] - s["lo"], s["hi"] - s["mean"]]
                     points.append((tokens, s["mean"], err))
@@ -778,25 +794,17 @@ def plot_budget(by_tokens, path):
     ax.set_title(f"{label}: SAE (filled) and its null (hollow), 95% intervals", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
-    print(f"wrote {path}")
+    _save_png(plt, fig, path)
 
 
 def plot_comparison(arms, path):
     """One PNG: a panel per primary metric (Mean full absorption, OOD gap) and EV against measured
     L0 (log axis): per arm a point per SAE name at the seeds' mean L0 with its two-level 95%
     interval, and the null at the same L0 as a hollow marker. Skipped (with a note) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("note: matplotlib is not installed, no plot written")
+    plt = _pyplot()
+    if plt is None:
         return
+    import matplotlib.ticker
     panels = [_full_label(m, k) for m, k in dict.fromkeys((m, k) for m, k, _, _ in PRIMARY)]
     panels.append(_full_label("core", "explained_variance"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
@@ -806,8 +814,7 @@ def plot_comparison(arms, path):
             points = []
             for name in dict.fromkeys(n for saes in by_seed.values() for n in saes):
                 pick = lambda saes: saes.get(name)
-                s = two_level(*map(dict, zip(*[((seed, v), (seed, r)) for seed, (v, r) in
-                                                _per_seed(by_seed, pick, label).items()])))
+                s = summary(_per_seed(by_seed, pick, label))
                 l0, null = _mean_l0(by_seed, pick), _mean_null(by_seed, pick, label)
                 if s["n"] and l0:
                     err = [0.0, 0.0] if s["lo"] is None else [s["mean"] - s["lo"], s["hi"] - s["mean"]]
@@ -837,11 +844,7 @@ def plot_comparison(arms, path):
     fig.suptitle("mean over seeds; bars: 95% interval with the seeds and the evaluation sample; hollow: the null "
                  "(no learned structure, same L0)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
-    print(f"wrote {path}")
+    _save_png(plt, fig, path)
 
 
 def report(by_run, comparison_file, matched_points=3):
@@ -850,18 +853,16 @@ def report(by_run, comparison_file, matched_points=3):
         print(run_table(run, saes) + "\n")
     arms = group_arms(by_run)  # runs grouped by their SAE cfgs, paired by (seed, SAE name)
     by_tokens = budget_arms(arms)
-    if by_tokens:  # one arm at several budgets: the validity gate's curve, no verdict
-        text = budget_report(by_tokens, arms)
+    if by_tokens or len(arms) >= 2:  # one arm at several budgets: the validity gate's curve, no verdict
+        text = budget_report(by_tokens, arms) if by_tokens else comparison_report(arms, matched_points)
         _write_atomic(comparison_file, text)
         print(text)
         print(f"wrote {comparison_file}")
-        plot_budget(by_tokens, os.path.splitext(comparison_file)[0] + ".png")
-    elif len(arms) >= 2:
-        text = comparison_report(arms, matched_points)
-        _write_atomic(comparison_file, text)
-        print(text)
-        print(f"wrote {comparison_file}")
-        plot_comparison(arms, os.path.splitext(comparison_file)[0] + ".png")
+        png = os.path.splitext(comparison_file)[0] + ".png"
+        if by_tokens:
+            plot_budget(by_tokens, png)
+        else:
+            plot_comparison(arms, png)
     elif len(by_run) >= 2:
         print(f"note: every run is arm {next(iter(arms))}: no comparison (pass runs that differ in mask_prob)")
 

@@ -804,6 +804,35 @@ def _why_rebuild(tokens_dir, settings):
     return f"settings changed since the last run ({', '.join(changed)})" if changed else None
 
 
+def _write_token_files(cfg, tokenizer, eos_token_id, dtype, paths, start):
+    """Stream the corpus into paths' .tmp files, whole documents, train up to exactly max_tokens.
+    Returns the tokens and documents per split."""
+    tokens, documents = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    last_print = start
+    with open(paths["train"] + ".tmp", "wb") as train, open(paths["val"] + ".tmp", "wb") as val:
+        files = {"train": train, "val": val}
+        for ids in tokenized_documents(read_documents(cfg.dataset, cfg.data_files, cfg.text_field),
+                                       tokenizer, eos_token_id, dtype):
+            # A whole document goes to val when val stays within its share: deterministic, and
+            # val is spread over the whole corpus rather than taken from one end of it.
+            total = sum(tokens.values()) + len(ids)
+            split = "val" if tokens["val"] + len(ids) <= cfg.val_fraction * total else "train"
+            if split == "train":
+                ids = ids[:cfg.max_tokens - tokens["train"]]  # train ends at exactly max_tokens
+            files[split].write(ids.tobytes())
+            tokens[split] += len(ids)
+            documents[split] += 1
+            if time.time() - last_print >= _PROGRESS_SECONDS:
+                last_print, elapsed = time.time(), time.time() - start
+                eta = (cfg.max_tokens - tokens["train"]) * elapsed / max(tokens["train"], 1)
+                print(f"tokens: {tokens['train']:,} train + {tokens['val']:,} val, "
+                      f"{sum(tokens.values()) / elapsed:,.0f} tok/s, "
+                      f"ETA {eta / 60:.1f} min (if the corpus lasts)", flush=True)
+            if tokens["train"] >= cfg.max_tokens:
+                break
+    return tokens, documents
+
+
 def prepare_tokens(cfg, tokenizer):
     with open(os.path.join(cfg.model_dir, "config.json")) as f:
         config = json.load(f)
@@ -831,30 +860,9 @@ def prepare_tokens(cfg, tokenizer):
     vocab_size = tokenizer.get_vocab_size()
     dtype = "uint16" if vocab_size <= 2**16 else "uint32"
     paths = {split: os.path.join(cfg.tokens_dir, f"{split}.bin") for split in ("train", "val")}
-    tokens, documents = {"train": 0, "val": 0}, {"train": 0, "val": 0}
-    start = last_print = time.time()
+    start = time.time()
     try:
-        with open(paths["train"] + ".tmp", "wb") as train, open(paths["val"] + ".tmp", "wb") as val:
-            files = {"train": train, "val": val}
-            for ids in tokenized_documents(read_documents(cfg.dataset, cfg.data_files, cfg.text_field),
-                                           tokenizer, eos_token_id, dtype):
-                # A whole document goes to val when val stays within its share: deterministic, and
-                # val is spread over the whole corpus rather than taken from one end of it.
-                total = sum(tokens.values()) + len(ids)
-                split = "val" if tokens["val"] + len(ids) <= cfg.val_fraction * total else "train"
-                if split == "train":
-                    ids = ids[:cfg.max_tokens - tokens["train"]]  # train ends at exactly max_tokens
-                files[split].write(ids.tobytes())
-                tokens[split] += len(ids)
-                documents[split] += 1
-                if time.time() - last_print >= _PROGRESS_SECONDS:
-                    last_print, elapsed = time.time(), time.time() - start
-                    eta = (cfg.max_tokens - tokens["train"]) * elapsed / max(tokens["train"], 1)
-                    print(f"tokens: {tokens['train']:,} train + {tokens['val']:,} val, "
-                          f"{sum(tokens.values()) / elapsed:,.0f} tok/s, "
-                          f"ETA {eta / 60:.1f} min (if the corpus lasts)", flush=True)
-                if tokens["train"] >= cfg.max_tokens:
-                    break
+        tokens, documents = _write_token_files(cfg, tokenizer, eos_token_id, dtype, paths, start)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

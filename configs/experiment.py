@@ -46,7 +46,8 @@
 #   { arm A 6 --mask_prob=0.0 && arm B 6 --mask_prob=0.3 --activation_cache=data/cache/B &&
 #     arm C 3 --mask_prob=0.3 --activation_cache=data/cache/B --train_on_masked=False &&
 #     arm D 3 --mask_prob=0.3 --mask_replacement=unigram --activation_cache=data/cache/D &&
-#     python evaluate.py configs/experiment.py out/exp_A_s* out/exp_B_s* out/exp_C_s* out/exp_D_s*
+#     python evaluate.py configs/experiment.py --metrics="['core','absorption','ood']" \
+#       out/exp_A_s*/ out/exp_B_s*/ out/exp_C_s*/ out/exp_D_s*/    # the slash: not the logs beside them
 #   } > out/experiment.log 2>&1 &
 # Budget: at most 2 hours on 2 cores in all, measured as it runs (harvest ~1.1k tokens/s per core
 # in fp32 on a CPU without bf16 units; training from a cache ~6k tokens/s), so the gate's budget

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 
 import numpy as np
 
@@ -497,14 +498,17 @@ def _endpoint(arms, other, metric, key, k, level):
     label = _full_label(metric, key)
     pick = lambda saes: _at_k(saes, k)
     chosen = [pick(saes) for arm in (base, arms[other]) for saes in arm.values()]
-    reasons = []
-    if any(r is None for r in chosen):
+    reasons, by_kind, found = [], {}, [r for r in chosen if r is not None]
+    if len(found) < len(chosen):
         reasons.append(f"no SAE with k={k} in every seed of both arms")
-    for r in [r for r in chosen if r is not None]:
+    for r in found:
         validity = (r.get(metric) or {}).get("validity") or {}
         if validity.get("testable") is False:
             for why in validity.get("reasons") or ["flagged untestable (no reason recorded)"]:
-                reasons += [] if why in reasons else [why]
+                # one entry per kind of reason, not per SAE: its figures differ from SAE to SAE
+                by_kind.setdefault(re.sub(r"[-+]?\d[\d.]*", "#", why.split(" (")[0]), []).append(why)
+    reasons += [f"{whys[0]} ({len(whys)} of {len(found)} SAEs{'' if len(set(whys)) == 1 else '; the first shown'})"
+                for whys in by_kind.values()]
     framing = ("calibrated L0" if chosen and all(_calibrated(r) for r in chosen) else
                "nominal k, EMA threshold (the paper's framing)")
     comparison = paired(_per_seed(base, pick, label), _per_seed(arms[other], pick, label), level)
@@ -631,7 +635,8 @@ def comparison_report(arms, matched_points=3):
              for e in endpoints]
     found = set()
     compact = headline_table(arms, found)
-    notes = {"n=1; no interval": "n=1 and no bootstrap replicates in eval.json: no interval anywhere.",
+    notes = {"n=1; no interval": "Rows without an interval are metrics with one seed and no bootstrap "
+                                  "replicates in eval.json (core's L0, EV and CE loss have none).",
              "evaluation sample only (1 seed)": "n=1 seed: every interval is the evaluation sample's alone "
                                                 "(the seeds' spread is unknown).",
              "seeds only (eval.json holds no bootstrap replicates)": "Some eval.json hold no bootstrap "

@@ -1787,7 +1787,9 @@ def run_ood(llm, saes, cfg):
         print(f"  OOD {name}: {len(y_id)} ID (training pool) / {len(y_ood)} OOD rows, oracle AUC {oracles[name][2]:.3f}")
     x_clean = torch.cat([data[name, "id"][0] for name, _, _ in cfg.ood_tasks])
     results, memo = [], {}  # the oracle's bootstrap AUCs, shared by every SAE
+    t0 = time.time()
     for i, sae in enumerate(saes):
+        print(f"  OOD: SAE {i + 1}/{len(saes)} ({time.time() - t0:.0f} s)", flush=True)
         null, target = null_for(sae, x_clean, cfg)
         per_task, boot, null_boot = {}, [], []
         for name, _, _ in cfg.ood_tasks:

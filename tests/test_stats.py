@@ -182,11 +182,13 @@ def test_one_seed_says_once_that_intervals_are_the_samples_alone():
     assert md.count("n=1 seed: every interval is the evaluation sample's alone") == 1
     assert "(n=1" not in md and "no interval (1 seed)" not in md
     assert "evaluation sample only (1 seed), n=1" in md  # in each verdict line
+    assert "no interval anywhere" not in md and "Rows without an interval are metrics with one seed" in md  # EV
 
 
 def test_an_untestable_endpoint_says_why_and_a_real_effect_is_found():
     md = compare.comparison_report(compare.group_arms(two_arms([0, 1, 2], calibrated=True, testable=False)))
-    assert md.count("*untestable here*: score not clearly below its null.") == 2  # absorption at 20 and 80
+    # absorption at 20 and 80: the reason once, with the number of SAEs it holds for (3 seeds x 2 arms)
+    assert md.count("*untestable here*: score not clearly below its null (6 of 6 SAEs).") == 2
     runs = two_arms([0, 1, 2, 3], calibrated=True)
     for run in runs.values():  # every seed alike, masked 0.03 lower: the paper's effect, no noise but the sample's
         for r in run.values():

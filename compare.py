@@ -330,13 +330,15 @@ def group_arms(runs):
     """{arm: {seed: {SAE name: eval.json}}} from {run folder: {SAE name: eval.json}}, arms in the
     order of the runs. An arm is mask_prob plus every other SAE cfg key the runs differ in besides
     seed, k and the calibration's own records (so an ablation such as train_on_masked=False is an
-    arm of its own)."""
+    arm of its own). Its name is mask_prob and the keys where it differs from the first run, which
+    is as unique and far shorter than every differing key."""
     cfgs = {(run, name): r.get("sae_cfg", {}) for run, saes in runs.items() for name, r in saes.items()}
     keys = sorted({k for c in cfgs.values() for k in c} - _PAIR_KEYS - {"mask_prob"})
     differing = [k for k in keys if len({json.dumps(c.get(k)) for c in cfgs.values()}) > 1]
-    arms = {}
+    first, arms = next(iter(cfgs.values()), {}), {}
     for (run, name), c in cfgs.items():
-        arm = ", ".join([f"p={c.get('mask_prob')}"] + [f"{k}={c.get(k)}" for k in differing])
+        arm = ", ".join([f"p={c.get('mask_prob')}"] +
+                        [f"{k}={c.get(k)}" for k in differing if json.dumps(c.get(k)) != json.dumps(first.get(k))])
         by_name = arms.setdefault(arm, {}).setdefault(c.get("seed"), {})
         if name in by_name:
             raise ValueError(f"{run}/{name} and {by_name[name]['sae']} are both arm {arm}, seed "
@@ -676,10 +678,11 @@ def budget_arms(arms):
     exported at several budgets: the validity gate), else None."""
     by_tokens = {}
     for name, arm in arms.items():
-        parts = name.split(", ")
-        if len(parts) != 2 or not parts[1].startswith("training_tokens="):
+        p, *rest = name.split(", ")
+        if p != next(iter(arms)).split(", ")[0] or any(not r.startswith("training_tokens=") for r in rest):
             return None
-        by_tokens[int(parts[1].split("=")[1])] = arm
+        first = next(iter(next(iter(arm.values())).values()))
+        by_tokens[int(first["sae_cfg"]["training_tokens"])] = arm
     return dict(sorted(by_tokens.items())) if len(by_tokens) >= 2 else None
 
 

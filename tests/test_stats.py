@@ -257,8 +257,11 @@ def test_arms_are_what_the_cfgs_differ_in_and_pairs_are_unique():
         r["sae_cfg"]["train_on_masked"] = True
     for r in runs["out/p0.3_s0"].values():
         r["sae_cfg"]["train_on_masked"] = True
-    assert list(compare.group_arms(runs)) == ["p=0.0, train_on_masked=True", "p=0.3, train_on_masked=True",
-                                              "p=0.3, train_on_masked=False"]
+    runs["out/p0.3_unigram_s0"] = {name: dict(r, sae_cfg=dict(r["sae_cfg"], mask_replacement="unigram"))
+                                   for name, r in runs["out/p0.3_s0"].items()}
+    # each arm named by mask_prob and what differs from the first run
+    assert list(compare.group_arms(runs)) == ["p=0.0", "p=0.3", "p=0.3, train_on_masked=False",
+                                              "p=0.3, mask_replacement=unigram"]
     twice = two_arms([0])
     twice["out/again"] = twice["out/p0.3_s0"]
     with pytest.raises(ValueError, match="train each seed of an arm once"):

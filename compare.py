@@ -681,8 +681,10 @@ def budget_arms(arms):
         p, *rest = name.split(", ")
         if p != next(iter(arms)).split(", ")[0] or any(not r.startswith("training_tokens=") for r in rest):
             return None
-        first = next(iter(next(iter(arm.values())).values()))
-        by_tokens[int(first["sae_cfg"]["training_tokens"])] = arm
+        tokens = next(iter(next(iter(arm.values())).values())).get("sae_cfg", {}).get("training_tokens")
+        if tokens is None:
+            return None
+        by_tokens[int(tokens)] = arm
     return dict(sorted(by_tokens.items())) if len(by_tokens) >= 2 else None
 
 

@@ -1,6 +1,7 @@
 # The experiment that can decide, on 2 CPU cores (README, "The experiment"). Designed and
 # pre-registered before it was run. STATUS (README, The experiment): the gate ran at 0.26M-2.1M
-# tokens, absorption untestable at every budget; arms A-D trained at seed 0 (262,144 tokens), A and B evaluated on OOD only.
+# tokens, absorption untestable at every budget; all 18 arm runs (262,144 tokens) trained and
+# evaluated: absorption untestable at L0 20 and 80, the OOD gap no difference resolved at both.
 #
 # Question: does masking the LLM's input tokens (p = 0.3) while harvesting lower first-letter
 # absorption and narrow the OOD probing gap, at equal sparsity on clean text?

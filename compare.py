@@ -330,8 +330,8 @@ def group_arms(runs):
     """{arm: {seed: {SAE name: eval.json}}} from {run folder: {SAE name: eval.json}}, arms in the
     order of the runs. An arm is mask_prob plus every other SAE cfg key the runs differ in besides
     seed, k and the calibration's own records (so an ablation such as train_on_masked=False is an
-    arm of its own). Its name is mask_prob and the keys where it differs from the first run, which
-    is as unique and far shorter than every differing key."""
+    arm of its own). Its name is mask_prob plus the keys where it differs from the first run: as
+    unique as listing every differing key, and far shorter."""
     cfgs = {(run, name): r.get("sae_cfg", {}) for run, saes in runs.items() for name, r in saes.items()}
     keys = sorted({k for c in cfgs.values() for k in c} - _PAIR_KEYS - {"mask_prob"})
     differing = [k for k in keys if len({json.dumps(c.get(k)) for c in cfgs.values()}) > 1]

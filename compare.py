@@ -676,13 +676,11 @@ def comparison_report(arms, matched_points=3):
 def budget_arms(arms):
     """{training tokens: arm} when the arms differ in training_tokens alone (one arm's SAEs
     exported at several budgets: the validity gate), else None."""
-    by_tokens = {}
+    by_tokens, p_first = {}, next(iter(arms)).split(", ")[0]
     for name, arm in arms.items():
         p, *rest = name.split(", ")
-        if p != next(iter(arms)).split(", ")[0] or any(not r.startswith("training_tokens=") for r in rest):
-            return None
-        tokens = next(iter(next(iter(arm.values())).values())).get("sae_cfg", {}).get("training_tokens")
-        if tokens is None:
+        tokens = _arm_results({name: arm})[0].get("sae_cfg", {}).get("training_tokens")
+        if p != p_first or tokens is None or any(not r.startswith("training_tokens=") for r in rest):
             return None
         by_tokens[int(tokens)] = arm
     return dict(sorted(by_tokens.items())) if len(by_tokens) >= 2 else None

@@ -189,6 +189,12 @@ def test_an_untestable_endpoint_says_why_and_a_real_effect_is_found():
     md = compare.comparison_report(compare.group_arms(two_arms([0, 1, 2], calibrated=True, testable=False)))
     # absorption at 20 and 80: the reason once, with the number of SAEs it holds for (3 seeds x 2 arms)
     assert md.count("*untestable here*: score not clearly below its null (6 of 6 SAEs).") == 2
+    runs = two_arms([0, 1, 2], calibrated=True, testable=False)
+    for i, r in enumerate(r for run in runs.values() for r in run.values()):  # each SAE its own figure
+        r["absorption"]["validity"]["reasons"] = [f"main latents' F1 against the letter labels 0.0{i} < 0.5"]
+    md = compare.comparison_report(compare.group_arms(runs))
+    assert md.count("*untestable here*: main latents' F1 against the letter labels 0.00 < 0.5 (6 of 6 SAEs; "
+                    "the first shown).") == 1  # at L0 20; one entry, not six
     runs = two_arms([0, 1, 2, 3], calibrated=True)
     for run in runs.values():  # every seed alike, masked 0.03 lower: the paper's effect, no noise but the sample's
         for r in run.values():

@@ -25,7 +25,7 @@ so that run cannot tell the sides apart whatever the ratio of the medians:
             weight gradient; the decoder is sparse), at the GEMM rate of a (B, d) @ (d, F) product
             (into a preallocated output) in the step's dtype, measured in the same run: "% of limit".
 
-On a CPU the process runs with train.keep_freed_memory(), as train.py does: glibc's default of
+On a CPU the process runs with model.keep_freed_memory(), as train.py does: glibc's default of
 mapping fresh pages for every big tensor costs both SAE steps here speed (dictionary_learning's most).
 
   python bench.py                          # the full table, ~10 min on 2 CPU cores
@@ -478,7 +478,7 @@ def main(argv):
     cfg.device = model_lib.resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     if cfg.device == "cpu":
-        train.keep_freed_memory()  # as train.py runs on a CPU; every row, ours and the references, gets it
+        model_lib.keep_freed_memory()  # as train.py runs on a CPU; every row, ours and the references, gets it
     load_before = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f}")
     transformers = optional("transformers")

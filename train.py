@@ -22,7 +22,6 @@ a second train.py on the same out_dir stops at once instead of overwriting its f
 """
 import contextlib
 import copy
-import ctypes
 import fcntl
 import functools
 import hashlib
@@ -538,21 +537,6 @@ def sae_step(sae, loss_fn, optimizer, dead, x, step, lr, cfg, world, autocast):
 
 # -----------------------------------------------------------------------------
 
-def keep_freed_memory():
-    """CPU runs: have glibc's malloc keep freed memory for reuse. By default every block above a
-    few MB (a (B, F) activation, say) is a fresh mmap, handed back to the OS when freed, and the
-    next step's block of the same size faults its pages in again one 4 KiB page at a time. On the
-    2-core test VM, with it, our SAE step ran 8-21% more tokens/s and dictionary_learning's 30-59%
-    (bench.py with and without this call). jemalloc and tcmalloc, which PyTorch's CPU tuning guide
-    recommends, keep memory like this anyway. Off glibc this is a no-op."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-4, 0)  # M_MMAP_MAX = 0: big blocks come from the heap like small ones ...
-    mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: ... and the heap is not handed back below 2 GiB free
-
-
 def main(argv):
     cfg = configurator.configure(globals(), argv, __doc__)
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -633,7 +617,7 @@ def train(cfg, device, rank, world, log, on_exit):
     # --- model, tokenizer, mask token: everything checked before anything is written
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # for the whole run: harvest and SAE step alike
     if torch.device(device).type == "cpu":
-        keep_freed_memory()
+        model_lib.keep_freed_memory()
     # auto is resolved once, here: the checkpoint records, and --resume compares, the dtype that ran
     cfg.llm_dtype = model_lib.resolve_dtype(cfg.llm_dtype, model_lib.read_config(cfg.model_dir).arch, device)
     log(f"llm_dtype: {cfg.llm_dtype}")

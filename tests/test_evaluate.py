@@ -269,6 +269,21 @@ def test_l1_logistic_regression_satisfies_the_kkt_conditions():
     assert abs(C * (1 / (1 + np.exp(-(x @ w + b))) - y).sum()) < 1e-5     # free intercept
 
 
+def test_l1_fits_over_a_grid_of_c_equal_the_fits_one_c_at_a_time():
+    """find_best_reg fits the whole grid side by side; each column must be the fit at its C alone,
+    the ones that converge early and the near-separable ones that run to max_iter alike."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(150, 8))
+    y = (x[:, 0] + 0.3 * rng.normal(size=150) > 0).astype(float)
+    grid = list(np.logspace(3, -3, 5))
+    w, b = (t.numpy() for t in ev.logistic_regression(x, y, C=grid, penalty="l1", max_iter=400))
+    assert w.shape == (8, 5) and b.shape == (5,)
+    for j, C in enumerate(grid):
+        w1, b1 = (t.numpy() for t in ev.logistic_regression(x, y, C=C, penalty="l1", max_iter=400))
+        assert np.allclose(w[:, j], w1, rtol=1e-9, atol=1e-12) and b[j] == pytest.approx(b1, rel=1e-9, abs=1e-12)
+    assert (w[:, -1] == 0).sum() > (w[:, 0] == 0).sum()  # small C: sparser
+
+
 def test_auc_matches_brute_force_pair_count_with_ties():
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 5, size=60).astype(float)  # many ties

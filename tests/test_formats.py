@@ -359,7 +359,7 @@ def test_find_best_reg_takes_the_first_c_when_mean_aucs_tie_up_to_rounding(monke
     for second, expected in (([0.1, 0.2, 0.3], 10.0), ([0.1, 0.2, 0.3 + 3e-9], 1.0)):
         first = [0.3, 0.2, 0.1]
         assert np.mean(first) != np.mean([0.1, 0.2, 0.3])  # the tie is real only up to rounding
-        aucs = iter(first + second)
+        aucs = iter([auc for pair in zip(first, second) for auc in pair])  # fold by fold, the grid in each
         monkeypatch.setattr(ev, "roc_auc", lambda scores, labels: next(aucs))
         _, _, C = ev.find_best_reg(np.random.default_rng(0).normal(size=(30, 2)), y, grid=(10.0, 1.0))
         assert C == expected

@@ -233,7 +233,7 @@ def test_keep_freed_memory_stops_page_faults_in_a_loop():
     """A loop that allocates and frees the same big tensors every step (a training step does) stops
     faulting pages in once malloc keeps freed memory. glibc's default maps fresh pages each time:
     one fault per 4 KiB page, 24576 for these 96 MiB, every step."""
-    train.keep_freed_memory()
+    model_lib.keep_freed_memory()
     faults = []
     for _ in range(8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -640,17 +640,17 @@ def finish_core(sums):
     }
 
 
-def _next_token_sums(logprobs, idx, valid, clean_logprobs):
+def _next_token_sums(logprobs, idx, valid, clean_valid):
     """(Σ next-token CE, Σ KL(p_clean ‖ p)) over the valid positions (§1.7), valid (B, T);
-    clean_logprobs: the clean pass's log-probabilities at the valid positions and their exp,
-    computed once per batch. The CE gathers each position's one log-probability before masking:
+    clean_valid: (the clean pass's log-probabilities at the valid positions, their exp), computed
+    once per batch. The CE gathers each position's one log-probability before masking:
     a (B·T, vocabulary) copy of 262k-token logits costs seconds on a CPU.
     The CE at t scores token t+1, so the last position has none and drops out of the CE only;
     the KL compares two distributions and counts at every valid position, the last included, as
     SAEBench does (sae_bench/evals/core/main.py, get_downstream_reconstruction_metrics: it
     shortens the mask by one only for the metric that is one position shorter, the CE)."""
     ce = -logprobs[:, :-1].gather(2, idx[:, 1:, None])[..., 0][valid[:, :-1]].sum()
-    clean, clean_p = clean_logprobs
+    clean, clean_p = clean_valid
     kl = (clean_p * (clean - logprobs[valid])).sum()
     return ce.item(), kl.item()
 
@@ -678,8 +678,8 @@ def core_metrics(m, layer, saes, rows, batch_rows=16, ce_rows=None, batch_tokens
             clean = F.log_softmax(m.forward_from(resid, layer).float(), -1)
             ce_tokens += valid[:, :-1].sum().item()  # loss at t predicts t+1; counted where t is valid
             kl_tokens += valid.sum().item()
-            clean_valid = clean[valid]
-            clean_valid = (clean_valid, clean_valid.exp())  # the KL's reference for every pass below
+            at_valid = clean[valid]
+            clean_valid = (at_valid, at_valid.exp())  # the KL's reference for every pass below
             clean_ce += _next_token_sums(clean, idx, valid, clean_valid)[0]
             del clean
             zero = F.log_softmax(m.forward_from(torch.zeros_like(resid), layer).float(), -1)

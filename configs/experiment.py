@@ -2,6 +2,7 @@
 # pre-registered before it was run. STATUS (README, The experiment): the gate ran at 0.26M-2.1M
 # tokens, absorption untestable at every budget; all 18 arm runs (262,144 tokens) trained and
 # evaluated: absorption untestable at L0 20 and 80, the OOD gap no difference resolved at both.
+# Measured on 2 idle cores (AMD EPYC with AVX512_BF16, LLM bf16): 1 h 41 min in all, gate included.
 #
 # Question: does masking the LLM's input tokens (p = 0.3) while harvesting lower first-letter
 # absorption and narrow the OOD probing gap, at equal sparsity on clean text?

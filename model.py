@@ -498,12 +498,13 @@ _BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16", "bf16")
 
 
 def keep_freed_memory():
-    """CPU runs (train.py, evaluate.py, bench.py): have glibc's malloc keep freed memory for reuse. By default every block above a
-    few MB (a (B, F) activation, say) is a fresh mmap, handed back to the OS when freed, and the
-    next step's block of the same size faults its pages in again one 4 KiB page at a time. On the
-    2-core test VM, with it, our SAE step ran 8-21% more tokens/s and dictionary_learning's 30-59%
-    (bench.py with and without this call). jemalloc and tcmalloc, which PyTorch's CPU tuning guide
-    recommends, keep memory like this anyway. Off glibc this is a no-op."""
+    """CPU runs (train.py, evaluate.py, bench.py): have glibc's malloc keep freed memory for
+    reuse. By default every block above a few MB (a (B, F) activation, say) is a fresh mmap,
+    handed back to the OS when freed, and the next step's block of the same size faults its pages
+    in again one 4 KiB page at a time. On the 2-core test VM, with it, our SAE step ran 8-21%
+    more tokens/s and dictionary_learning's 30-59% (bench.py with and without this call). jemalloc
+    and tcmalloc, which PyTorch's CPU tuning guide recommends, keep memory like this anyway. Off
+    glibc this is a no-op."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

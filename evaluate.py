@@ -157,6 +157,7 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _EPS = 1e-8                        # §2: a main latent with |a| below this is silent
 _PROMPT_SUFFIX = " has the first letter:"
 _NULL_TOKENS = 16_384              # §0: tokens on which a null's L0 is matched and its threshold set
+_CACHE_FORMAT = 2                  # cached_residuals' key: 2 = one-position reads run the last block there only
 
 
 def _progress(desc, done, total, t0):
@@ -209,21 +210,27 @@ def bootstrap(statistic, sizes, n_boot=1000, seed=0):
 
 
 @torch.no_grad()
-def null_sae(sae, x, target_l0, seed=0):
+def null_sae(sae, x, target_l0, seed=0, shared=None):
     """The reference with no learned structure a metric is read against (§0): the SAE's width, random
     unit decoder rows, encoder = decoder^T, b_dec = the mean of x and a global threshold calibrated
     so that it fires target_l0 latents per token on x (clean text), the same L0 as the SAE beside
-    it. A metric that scores the trained SAE no better than this measures nothing learned."""
+    it. A metric that scores the trained SAE no better than this measures nothing learned.
+    shared: a dict a metric keeps across its SAEs (one x): all but the threshold depends on the
+    width and seed only, so the directions and x's sorted pre-activations are made once per width."""
     d, n_latents = sae.cfg["d_in"], sae.cfg["d_sae"]
-    k = max(1, min(n_latents, round(target_l0)))
-    null = sae_lib.SAE(d, n_latents, arch="batchtopk", k=k, seed=seed)
-    W = torch.randn(n_latents, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    W /= W.norm(dim=1, keepdim=True)
-    null.W_dec.copy_(W.float())
-    null.W_enc.copy_(W.T.float())
-    null.b_dec.copy_(x.double().mean(0).float())
-    null.threshold.fill_(sae_lib.calibrate_threshold(null, x, target_l0)[0])
-    null.cfg.update(null=True, null_target_l0=float(target_l0))
+    shared = {} if shared is None else shared
+    if (d, n_latents, seed) not in shared:
+        base = sae_lib.SAE(d, n_latents, arch="batchtopk", seed=seed)
+        W = torch.randn(n_latents, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        W /= W.norm(dim=1, keepdim=True)
+        base.W_dec.copy_(W.float())
+        base.W_enc.copy_(W.T.float())
+        base.b_dec.copy_(x.double().mean(0).float())
+        shared[d, n_latents, seed] = base, sae_lib.sorted_positive_pre_acts(base, x)
+    base, positive = shared[d, n_latents, seed]
+    null = copy.deepcopy(base)
+    null.cfg.update(k=max(1, min(n_latents, round(target_l0))), null=True, null_target_l0=float(target_l0))
+    null.threshold.fill_(sae_lib.threshold_at_l0(positive, len(x), target_l0)[0])
     return null.to(sae.W_enc.device, sae.W_enc.dtype).eval()
 
 
@@ -251,15 +258,15 @@ def paired_interval(a, b):
 
 
 @torch.no_grad()
-def null_for(sae, x, cfg):
+def null_for(sae, x, cfg, shared=None):
     """(null SAE, its target L0): null_sae() at the SAE's own mean L0 on x (a metric's clean
     activations), seeded by eval_seed only, so every SAE of one width gets the same random
-    directions. (None, L0) when the SAE is silent on x (no L0 to match)."""
+    directions (made once per width with `shared`). (None, L0) when the SAE is silent on x."""
     x = x[:_NULL_TOKENS]  # the first tokens: calibration holds their pre-activations in memory
     target = l0(encode(sae, x, cfg.sae_batch_tokens)) if len(x) else 0.0
     if target <= 0:
         return None, target
-    return null_sae(sae, x.float(), target, seed=cfg.eval_seed), target
+    return null_sae(sae, x.float(), target, cfg.eval_seed, shared), target
 
 
 def _null_record(values, target, how):
@@ -299,14 +306,14 @@ def residuals(m, rows, layer, batch_rows, positions=None, desc="residuals"):
             idx[j, :len(rows[i])] = torch.tensor(rows[i])
             attention[j, :len(rows[i])] = 1
         idx, attention = idx.to(device), attention.to(device)
-        resid = m.resid_post(idx, layer, attention).float()
         if positions is None:
+            resid = m.resid_post(idx, layer, attention).float()
             valid = m.valid_mask(idx, attention)
             for j, i in enumerate(which):
                 out[i] = resid[j, valid[j]].cpu()
-        else:
+        else:  # the last block runs at these positions only (model.resid_post)
             pos = torch.tensor([positions[i] for i in which], device=device)
-            for j, row in zip(which, resid[torch.arange(len(which), device=device), pos].cpu()):
+            for j, row in zip(which, m.resid_post(idx, layer, attention, pos).float().cpu()):
                 out[j] = row
         _progress(desc, b + 1, n_batches, t0)
     if positions is None:
@@ -325,9 +332,9 @@ def _process_exists(pid):
 
 
 def cached_residuals(llm, rows, name, positions=None):
-    """residuals(), cached on disk under a hash of (model, layer, dtype, rows, positions): any
-    change in data, tokenizer or selection gives a new key, so a stale cache is never read."""
-    spec = json.dumps([llm.key, llm.layer, str(llm.dtype), positions, rows])
+    """residuals(), cached on disk under a hash of (format, model, layer, dtype, rows, positions):
+    any change in data, tokenizer or selection gives a new key, so a stale cache is never read."""
+    spec = json.dumps([_CACHE_FORMAT, llm.key, llm.layer, str(llm.dtype), positions, rows])
     digest = hashlib.sha1(spec.encode()).hexdigest()[:16]
     path = os.path.join(llm.cache_dir, f"{name}-L{llm.layer}-{digest}.safetensors")
     if os.path.exists(path):
@@ -357,15 +364,31 @@ def encode(sae, x, batch_tokens=4096):
 @torch.no_grad()
 def mean_pool(acts, counts, sae=None, batch_tokens=4096):
     """§0 mean pooling over each text's valid positions; acts (N, d) grouped by counts (n_texts,).
-    With an SAE, every position is encoded first and the latents are pooled (never the reverse)."""
+    With an SAE, every position is encoded first and the latents are pooled (never the reverse).
+    sae may be a list of nulls of one width (null_sae: they differ in their threshold alone): each
+    chunk's pre-activations are then computed once for all of them, and a list is returned."""
+    saes = sae if isinstance(sae, list) else [sae]
+    first = saes[0]
+    if len(saes) > 1 and not all(torch.equal(s.W_enc, first.W_enc) and torch.equal(s.b_enc, first.b_enc)
+                                 and torch.equal(s.b_dec, first.b_dec) for s in saes):
+        raise ValueError("mean_pool shares pre-activations only between SAEs that differ in their threshold alone")
     owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    width = acts.shape[1] if sae is None else sae.W_dec.shape[0]
-    sums = torch.zeros(len(counts), width, dtype=torch.float64)
+    width = acts.shape[1] if first is None else first.W_dec.shape[0]
+    sums = [torch.zeros(len(counts), width, dtype=torch.float64) for _ in saes]
     for start in range(0, len(acts), batch_tokens):
         chunk = acts[start:start + batch_tokens]
-        values = chunk if sae is None else encode(sae, chunk, batch_tokens)
-        sums.index_add_(0, owner[start:start + batch_tokens], values.double())
-    return (sums / counts[:, None].double().clamp(min=1)).float()  # a text with no valid token: 0
+        if len(saes) > 1:  # encode()'s last step, a ⊙ (a > θ), on the one shared a
+            pre = first.pre_acts(chunk.to(first.W_enc.device)).float().cpu()
+        for total, s in zip(sums, saes):
+            if s is None:
+                values = chunk
+            elif len(saes) == 1:
+                values = encode(s, chunk, batch_tokens)
+            else:
+                values = pre * (pre > s.threshold.cpu())
+            total.index_add_(0, owner[start:start + batch_tokens], values.double())
+    pooled = [(total / counts[:, None].double().clamp(min=1)).float() for total in sums]  # no valid token: 0
+    return pooled if isinstance(sae, list) else pooled[0]
 
 
 # -----------------------------------------------------------------------------
@@ -815,7 +838,8 @@ def first_letter_prompt(word, examples):
 def absorption_prompts(tokenizer, bos_id, entries, example_words, n_examples, rng):
     """Token rows and word positions for ICL prompts, one per (token id, word, letter) entry,
     with examples drawn from example_words (never the word itself). A prompt whose tokenization
-    does not put the word's own token just before the suffix is dropped (keep[i] False)."""
+    does not put the word's own token just before the suffix is dropped (keep[i] False). Each row
+    ends at the word: in a causal model the suffix after it cannot change the residual read there."""
     suffix_len = len(tokenizer.encode(_PROMPT_SUFFIX, add_special_tokens=False).ids)
     texts = []
     for _, word, _ in entries:
@@ -827,7 +851,7 @@ def absorption_prompts(tokenizer, bos_id, entries, example_words, n_examples, rn
         pos = len(row) - 1 - suffix_len
         keep.append(row[pos] == token_id)
         if keep[-1]:
-            rows.append(row)
+            rows.append(row[:pos + 1])
             positions.append(pos)
     return rows, positions, np.array(keep, dtype=bool)
 
@@ -1069,7 +1093,7 @@ def run_absorption(llm, saes, cfg):
           f"true positives, {passing} letters with probe F1 > {cfg.absorption_probe_f1_gate}")
     h = SimpleNamespace(x_train=x_train, letters_train=letters_train, x_test=x_test, letters_test=letters_test,
                         evaluated=evaluated, x_words=x_words, letters_words=letters_words, words=words,
-                        probe_w=probe_w, f1_probe=f1_probe)
+                        probe_w=probe_w, f1_probe=f1_probe, nulls={})  # nulls: null_sae's shared dict
     results = []
     for i, sae in enumerate(saes):
         print(f"  absorption: SAE {i + 1}/{len(saes)}", flush=True)
@@ -1099,7 +1123,7 @@ def absorption_result(sae, h, cfg):
     if not r["letters_kept"]:
         r["null_reasons"] = {key: f"no letter's ground-truth probe reaches F1 > {cfg.absorption_probe_f1_gate}"
                              for key in _ABSORPTION_KEYS + ("mean_num_split_features",)}
-    null, target = null_for(sae, h.x_train, cfg)
+    null, target = null_for(sae, h.x_train, cfg, h.nulls)
     if null is not None:
         null_r, _, r["null_uncertainty"] = _absorption_summary(absorption_of_sae(null, h, cfg), cfg)
         r["null"] = _null_record({key: null_r[key] for key in _ABSORPTION_KEYS}, target,
@@ -1317,7 +1341,7 @@ def run_sparse_probing(llm, saes, cfg):
     accuracies come out the same at twice the cost."""
     per_task = [dict() for _ in saes]
     boot = [dict(sae=[], null=[]) for _ in saes]
-    nulls = [None] * len(saes)
+    nulls, shared = [None] * len(saes), {}
     for t, task in enumerate(cfg.probing_tasks):
         train, test, splits = probing_data(llm, cfg, task, task[0])
         if len(splits) == 2:  # §3.2: a binary task's two one-vs-rest splits are one split mirrored
@@ -1336,12 +1360,18 @@ def run_sparse_probing(llm, saes, cfg):
                 **{f"sae_top_{k}_test_accuracy": v for k, v in sae_top_k.items()})
             boot[i]["sae"].append((test.labels, splits, correct))
             if t == 0:
-                nulls[i] = null_for(sae, train.acts, cfg)
-            null = nulls[i][0]
+                nulls[i] = null_for(sae, train.acts, cfg, shared)
+        by_width = {}  # the nulls of one width are pooled together (mean_pool)
+        for i, (null, _) in enumerate(nulls):
             if null is not None:
-                null_top_k, _, null_correct = probing_accuracies(
-                    mean_pool(train.acts, train.counts, null, cfg.sae_batch_tokens),
-                    mean_pool(test.acts, test.counts, null, cfg.sae_batch_tokens), splits, cfg.probing_ks, dense=False)
+                by_width.setdefault(null.W_dec.shape[0], []).append(i)
+        for members in by_width.values():
+            group = [nulls[i][0] for i in members]
+            pooled = zip(mean_pool(train.acts, train.counts, group, cfg.sae_batch_tokens),
+                         mean_pool(test.acts, test.counts, group, cfg.sae_batch_tokens))
+            for i, (null_train, null_test) in zip(members, pooled):
+                null_top_k, _, null_correct = probing_accuracies(null_train, null_test, splits, cfg.probing_ks,
+                                                                 dense=False)
                 per_task[i][task[0]].update({f"null_top_{k}_test_accuracy": v for k, v in null_top_k.items()})
                 boot[i]["null"].append((test.labels, splits, null_correct))
     results = []
@@ -1806,11 +1836,11 @@ def run_ood(llm, saes, cfg):
         oracles[name] = (scores, C, roc_auc(scores, y_ood))
         print(f"  OOD {name}: {len(y_id)} ID (training pool) / {len(y_ood)} OOD rows, oracle AUC {oracles[name][2]:.3f}")
     x_clean = torch.cat([data[name, "id"][0] for name, _, _ in cfg.ood_tasks])
-    results, memo = [], {}  # the oracle's bootstrap AUCs, shared by every SAE
+    results, memo, shared = [], {}, {}  # the oracle's bootstrap AUCs and null_sae's directions, shared by every SAE
     t0 = time.time()
     for i, sae in enumerate(saes):
         print(f"  OOD: SAE {i + 1}/{len(saes)} ({time.time() - t0:.0f} s)", flush=True)
-        null, target = null_for(sae, x_clean, cfg)
+        null, target = null_for(sae, x_clean, cfg, shared)
         per_task, boot, null_boot = {}, [], []
         for name, _, _ in cfg.ood_tasks:
             (x_id, y_id), (x_ood, y_ood) = data[name, "id"], data[name, "ood"]

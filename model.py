@@ -9,6 +9,7 @@ tests/test_model.py checks logits and every layer against transformers.
     m = model.load("data/tiny/model")          # config.json + *.safetensors, never pickle
     logits = m(idx, attention_mask)            # (B, T, vocab); attention_mask 1 = real, right padding
     x = m.resid_post(idx, 8)                   # residual after block 8 = HF hidden_states[9]
+    x = m.resid_post(idx, 8, mask, positions)  # (B, d): the same, at one position per row
     logits = m.forward_from(x_hat, 8)          # finish the forward from a replaced residual
     keep = m.valid_mask(idx, attention_mask)   # False at BOS/EOS/pad ids and at padding
 """
@@ -176,12 +177,19 @@ class Attention(nn.Module):
             self.q_norm = Norm(cfg.head_dim, cfg.norm_eps, rms=True)
             self.k_norm = Norm(cfg.head_dim, cfg.norm_eps, rms=True)
 
-    def forward(self, x, cos, sin, allowed):
+    def forward(self, x, cos, sin, allowed, at=None):
+        """at: None, or one query position per row (B,): then every position gives keys and values,
+        only those give queries, and the output is (B, 1, d)."""
         cfg, (B, T, _) = self.cfg, x.shape
         q, k, v = (t.view(B, T, -1, cfg.head_dim).transpose(1, 2) for t in self.qkv(x).split(self.sizes, -1))
         if cfg.arch == "gemma3":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if at is not None:
+            rows = torch.arange(B, device=x.device)
+            q, allowed = q[rows, :, at].unsqueeze(2), allowed[rows, :, at].unsqueeze(2)  # (B, heads, 1, head_dim), (B, 1, 1, T)
+            cos, sin = cos[at, None, None], sin[at, None, None]
+        q = apply_rotary(q, cos, sin)
         # GQA: each k/v head serves n_head // n_kv_head consecutive query heads (HF repeat_kv)
         k, v = (t.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1) for t in (k, v))
         if cfg.attn_softcap is None:
@@ -193,7 +201,7 @@ class Attention(nn.Module):
             scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
             scores = scores.masked_fill(~allowed, float("-inf"))
             y = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+        return self.out(y.transpose(1, 2).reshape(B, q.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -224,8 +232,11 @@ class Block(nn.Module):
             self.ln_attn_out = Norm(cfg.d_model, cfg.norm_eps, rms)
             self.ln_mlp_out = Norm(cfg.d_model, cfg.norm_eps, rms)
 
-    def forward(self, x, cos, sin, allowed):
-        attn = self.attn(self.ln_attn(x), cos, sin, allowed)
+    def forward(self, x, cos, sin, allowed, at=None):
+        """at: None, or one position per row (B,): the block's output there only, (B, 1, d)."""
+        attn = self.attn(self.ln_attn(x), cos, sin, allowed, at)
+        if at is not None:
+            x = x[torch.arange(len(x), device=x.device), at, None]
         if self.cfg.gemma:
             x = x + self.ln_attn_out(attn)
             return x + self.ln_mlp_out(self.mlp(self.ln_mlp(x)))
@@ -250,10 +261,20 @@ class Transformer(nn.Module):
         x = self._run(self._embed(idx), range(self.cfg.n_layer), attention_mask)
         return self._logits(x)
 
-    def resid_post(self, idx, layer, attention_mask=None):
-        """Residual stream after block `layer` (0-based; HF hidden_states[layer + 1]); runs no later block."""
+    def resid_post(self, idx, layer, attention_mask=None, positions=None):
+        """Residual stream after block `layer` (0-based; HF hidden_states[layer + 1]); runs no later block.
+        positions: None, or one position per row (B,), which returns (B, d) at those positions and runs
+        block `layer` only there (its keys and values still come from every earlier position): a
+        probe that reads one token per text (absorption, OOD) saves that block's other positions."""
         self._check_layer(layer)
-        return self._run(self._embed(idx), range(layer + 1), attention_mask)
+        if positions is not None:
+            positions = torch.as_tensor(positions, device=idx.device)
+            if positions.shape != idx.shape[:1] or not (0 <= positions).all() or not (positions < idx.shape[1]).all():
+                raise ValueError(f"positions must be one index in [0, {idx.shape[1]}) per row of idx, "
+                                 f"got shape {tuple(positions.shape)}")
+            if attention_mask is None:  # the selected queries need the causal mask spelt out
+                attention_mask = torch.ones_like(idx)
+        return self._run(self._embed(idx), range(layer + 1), attention_mask, positions)
 
     def forward_from(self, resid, layer, attention_mask=None):
         """Logits from a (possibly replaced) residual after block `layer`: blocks layer+1.., ln_f, head."""
@@ -285,9 +306,9 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype, device=x.device)
         return x
 
-    def _run(self, x, layers, attention_mask):
+    def _run(self, x, layers, attention_mask, at=None):
         """Blocks `layers` on the residual x; rotary angles and masks are built once per call (Gemma 3: two
-        of each, for its sliding and its global layers)."""
+        of each, for its sliding and its global layers). at: positions the last block runs at (resid_post)."""
         cfg, T = self.cfg, x.shape[1]
         if attention_mask is not None and attention_mask.shape != x.shape[:2]:
             raise ValueError(f"attention_mask must be (batch, seq) = {tuple(x.shape[:2])}, "
@@ -303,8 +324,9 @@ class Transformer(nn.Module):
             sliding = attention_allowed(T, attention_mask, cfg.sliding_window, x.device)
         for i in layers:
             slides = i in cfg.sliding_layers
-            x = self.blocks[i](x, *(local_rope if slides else rope), sliding if slides else full)
-        return x
+            x = self.blocks[i](x, *(local_rope if slides else rope), sliding if slides else full,
+                               at if i == layers[-1] else None)
+        return x if at is None else x[:, 0]
 
     def _logits(self, x):
         logits = F.linear(self.ln_f(x), self.embed.weight if self.head is None else self.head.weight)

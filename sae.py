@@ -444,19 +444,29 @@ def calibrate_threshold(sae, x, target_l0, batch_tokens=4096, iters=60):
     if not 0 < target_l0 <= sae.cfg["d_sae"] or len(x) == 0:
         raise ValueError(f"target L0 must be in (0, d_sae={sae.cfg['d_sae']}] on a non-empty x, "
                          f"got {target_l0} on {len(x)} tokens")
+    return threshold_at_l0(sorted_positive_pre_acts(sae, x, batch_tokens), len(x), target_l0, iters)
+
+
+@torch.no_grad()
+def sorted_positive_pre_acts(sae, x, batch_tokens=4096):
+    """The positive pre-activations of x (N, d), flattened and sorted (float32): what the L0 of
+    every θ ≥ 0 depends on, so one sort serves any number of targets (threshold_at_l0)."""
     w = sae.W_enc
     pre = torch.cat([sae.pre_acts(c.to(w.device, w.dtype)).float().flatten() for c in x.split(batch_tokens)])
-    # θ stays ≥ 0, where L0(θ) counts positive pre-activations alone: sorted once, each count is a
-    # search (the same count as (pre > θ).sum(), which compares in float32 too), not a pass over N·F
-    positive = pre[pre > 0].sort().values
+    return pre[pre > 0].sort().values
 
+
+def threshold_at_l0(positive, n_tokens, target_l0, iters=60):
+    """calibrate_threshold's search: θ ≥ 0 by bisection, where L0(θ) counts positive pre-activations
+    alone, each count a search in the sorted ones (the same count as (pre > θ).sum(), which compares
+    in float32 too), not a pass over N·F. Returns (θ, the mean L0 it gives on the n_tokens tokens)."""
     def mean_l0(theta):
         at = torch.searchsorted(positive, torch.tensor([theta], dtype=positive.dtype, device=positive.device), right=True)
-        return (len(positive) - int(at[0])) / len(x)
+        return (len(positive) - int(at[0])) / n_tokens
 
-    lo, hi = 0.0, float(pre.max())  # L0(lo) ≥ target ≥ L0(hi) = 0
-    if mean_l0(lo) <= target_l0:  # too few positive pre-activations: θ = 0 is the densest it gets
+    if mean_l0(0.0) <= target_l0:  # too few positive pre-activations: θ = 0 is the densest it gets
         return 0.0, mean_l0(0.0)
+    lo, hi = 0.0, float(positive[-1])  # L0(lo) ≥ target ≥ L0(hi) = 0
     for _ in range(iters):  # L0(θ) falls as θ rises
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean_l0(mid) > target_l0 else (lo, mid)

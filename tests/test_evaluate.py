@@ -399,7 +399,7 @@ def test_absorption_vocabulary_and_prompt_positions():
     rows, positions, keep = ev.absorption_prompts(bpe, 0, words, [w for _, w, _ in words], 2, random.Random(0))
     assert keep.sum() >= 2
     kept = [e for e, k in zip(words, keep) if k]
-    assert all(row[p] == e[0] and row[0] == 0 for row, p, e in zip(rows, positions, kept))
+    assert all(row[p] == e[0] and row[0] == 0 and len(row) == p + 1 for row, p, e in zip(rows, positions, kept))
 
 
 class LetterLM(torch.nn.Module):
@@ -411,8 +411,9 @@ class LetterLM(torch.nn.Module):
         self.embed = torch.nn.Embedding.from_pretrained(embedding)
         self.cfg = SimpleNamespace(pad_token_id=None, eos_token_id=0, bos_token_id=0, d_model=embedding.shape[1])
 
-    def resid_post(self, idx, layer, attention_mask=None):
-        return self.embed(idx)
+    def resid_post(self, idx, layer, attention_mask=None, positions=None):
+        x = self.embed(idx)
+        return x if positions is None else x[torch.arange(len(x)), positions]
 
     def valid_mask(self, idx, attention_mask=None):
         keep = idx != 0

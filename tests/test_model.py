@@ -140,6 +140,24 @@ def test_unpadded_fast_path_equals_the_explicit_mask(make_hf_model, case):
             assert_close(m.resid_post(idx, layer), m.resid_post(idx, layer, torch.ones_like(idx)), atol=1e-5)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_positions_read_the_residual_at_one_token_per_row(make_hf_model, case):
+    """resid_post(..., positions) runs its last block at one query per row: the same values as the
+    whole residual read there, with and without padding (row 2 of the padded batch reads its one
+    real token, row 1 a token before its last), at every layer, the first included."""
+    arch, overrides = CASES[case]
+    m = model.load(make_hf_model(arch, **overrides))
+    for (idx, mask), positions in zip(batches()[:2], ([T - 1, 6, 0], [T - 1, 3, 0])):
+        with torch.no_grad():
+            for layer in range(m.cfg.n_layer):
+                whole = m.resid_post(idx, layer, mask)[torch.arange(3), positions]
+                at = m.resid_post(idx, layer, mask, torch.tensor(positions))
+                assert at.shape == (3, m.cfg.d_model)
+                assert_close(at, whole, atol=1e-5)
+    with pytest.raises(ValueError, match="one index in"):
+        m.resid_post(idx, 0, mask, torch.tensor([T, 0, 0]))
+
+
 @pytest.mark.parametrize("case", [NEOX, GEMMA, "gemma2-no-softcap-sdpa", GEMMA3])
 def test_right_padding_leaves_real_tokens_unchanged_and_padding_finite(make_hf_model, case):
     arch, overrides = CASES[case]

@@ -47,7 +47,7 @@ def letter_harvest(n_absorbed, words_per_letter=10, seed=0, noise=0.05):
     return SimpleNamespace(x_train=clean(letters_train), letters_train=letters_train, x_test=clean(letters_test),
                            letters_test=letters_test, evaluated=[0, 1, 2], x_words=x_words,
                            letters_words=letters_words, words=words, probe_w=3 * eye[:26],
-                           f1_probe={0: 1.0, 1: 1.0, 2: 1.0})
+                           f1_probe={0: 1.0, 1: 1.0, 2: 1.0}, nulls={})
 
 
 def letter_sae(n_absorbed):

@@ -343,6 +343,30 @@ def test_null_sae_has_the_target_l0_and_no_learned_directions():
     assert abs((null.encode(x) > 0).sum(1).float().mean().item() - 10.0) < 0.05
 
 
+def test_nulls_of_one_width_share_their_directions_and_pool_together():
+    """A metric makes its nulls through one `shared` dict: the directions and the sorted
+    pre-activations are made once per width, and each null is the one null_sae makes alone.
+    mean_pool of a list of them computes each chunk's pre-activations once, with the same result
+    as pooling each null alone; an SAE that differs in more than its threshold is refused."""
+    x = torch.randn(3000, 32) + 1.0
+    trained = sae_lib.SAE(32, 128, arch="batchtopk", k=10)
+    shared = {}
+    nulls = [ev.null_sae(trained, x, target, 1, shared) for target in (5.0, 10.0, 20.0)]
+    assert len(shared) == 1
+    for null, target in zip(nulls, (5.0, 10.0, 20.0)):
+        alone = ev.null_sae(trained, x, target, seed=1)
+        assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), null.state_dict().values()))
+        assert alone.cfg == null.cfg and null.cfg["k"] == round(target)
+    assert len({float(n.threshold) for n in nulls}) == 3
+    counts = torch.tensor([1000, 0, 1500, 500])
+    together = ev.mean_pool(x, counts, nulls, batch_tokens=700)  # chunks cross the texts' bounds
+    for null, pooled in zip(nulls, together):
+        assert torch.equal(pooled, ev.mean_pool(x, counts, null, batch_tokens=700))
+    assert torch.equal(together[1][0], ev.encode(nulls[1], x[:1000]).double().mean(0).float())
+    with pytest.raises(ValueError, match="threshold alone"):
+        ev.mean_pool(x, counts, [nulls[0], trained])
+
+
 def test_one_arm_at_several_budgets_is_the_validity_gate_curve_not_a_comparison(tmp_path):
     sample = np.random.default_rng(1).normal(0, 0.02, B)
     runs = {}

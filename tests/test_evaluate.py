@@ -284,6 +284,24 @@ def test_l1_fits_over_a_grid_of_c_equal_the_fits_one_c_at_a_time():
     assert (w[:, -1] == 0).sum() > (w[:, 0] == 0).sum()  # small C: sparser
 
 
+def test_l2_fits_over_a_grid_of_c_warm_started_equal_the_fits_from_zeros():
+    """The L2 grid is fitted from the smallest C up, each fit starting at the last one's optimum:
+    the optimum a fit from zeros reaches, to the stopping tolerance (near-separable data at C 1e5
+    included), returned in the grid's own order, each column stationary."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(200, 12))
+    y = (x[:, 0] - x[:, 3] + 0.2 * rng.normal(size=200) > 0).astype(float)
+    grid = list(np.logspace(5, -5, 10))
+    w, b = (t.numpy() for t in ev.logistic_regression(x, y, C=grid))
+    for j, C in enumerate(grid):
+        w1, b1 = (t.numpy() for t in ev.logistic_regression(x, y, C=C))
+        scale = max(np.abs(w1).max(), abs(b1))
+        assert np.abs(w[:, j] - w1).max() <= 1e-5 * scale and abs(b[j] - b1) <= 1e-5 * scale
+        p = 1 / (1 + np.exp(-(x @ w[:, j] + b[j])))
+        assert np.abs(w[:, j] + C * x.T @ (p - y)).max() <= 1e-9 * max(1.0, C * len(y)) * 10  # stationary
+    assert np.abs(w[:, 0]).sum() > 10 * np.abs(w[:, -1]).sum()  # large C: large weights
+
+
 def test_auc_matches_brute_force_pair_count_with_ties():
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 5, size=60).astype(float)  # many ties

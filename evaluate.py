@@ -157,7 +157,7 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _EPS = 1e-8                        # §2: a main latent with |a| below this is silent
 _PROMPT_SUFFIX = " has the first letter:"
 _NULL_TOKENS = 16_384              # §0: tokens on which a null's L0 is matched and its threshold set
-_CACHE_FORMAT = 2                  # cached_residuals' key: 2 = one-position reads run the last block there only
+_CACHE_FORMAT = 2                  # in the cache key and eval.json: 2 = one-token reads run the last block there only
 
 
 def _progress(desc, done, total, t0):
@@ -2195,8 +2195,9 @@ def _file_sha256(path):
 
 def computed_from(cfg, model_dir, layer, tokens_dir, device, sae_dir):
     """{metric: what its number would be computed from now}: the SAE file's sha256, the model
-    (folder, weight files' stamps, layer, dtype), the data (tokens meta.json for core on val.bin;
-    each eval set's meta.json) and the settings that affect it, in JSON's types."""
+    (folder, weight files' stamps, layer, dtype), the activation format (_CACHE_FORMAT), the data
+    (tokens meta.json for core on val.bin; each eval set's meta.json) and the settings that affect
+    it, in JSON's types."""
     arch = model_lib.read_config(model_dir).arch
     model = {"path": os.path.realpath(model_dir), "layer": layer,
              "files": hashlib.sha256(json.dumps(model_key(model_dir)).encode()).hexdigest()[:16],
@@ -2208,7 +2209,7 @@ def computed_from(cfg, model_dir, layer, tokens_dir, device, sae_dir):
               "meta_sha256": _file_sha256(os.path.join(tokens_dir, "meta.json")) if tokens_dir else None}
     settings = json.loads(json.dumps(configurator.defaults(vars(cfg))))
     sae_sha256 = _file_sha256(os.path.join(sae_dir, "sae.safetensors"))
-    return {name: {"sae_sha256": sae_sha256, "model": model,
+    return {name: {"sae_sha256": sae_sha256, "model": model, "activations": _CACHE_FORMAT,
                    "data": tokens if name == "core" and cfg.core_dataset == "val" else eval_data,
                    "settings": {k: v for k, v in settings.items()
                                 if k in _SHARED_SETTINGS or k.startswith(prefixes)}}
@@ -2219,7 +2220,8 @@ def _why_stale(recorded, now):
     """None when a metric's record matches the present inputs, else what changed, in words."""
     if not recorded:
         return "eval.json does not record what it was computed from"
-    changed = [what for key, what in (("sae_sha256", "SAE file"), ("model", "model"), ("data", "data"))
+    changed = [what for key, what in (("sae_sha256", "SAE file"), ("model", "model"), ("data", "data"),
+                                      ("activations", "the way the LLM activations are computed"))
                if recorded.get(key) != now[key]]
     settings = sorted(k for k in now["settings"].keys() | recorded.get("settings", {}).keys()
                       if now["settings"].get(k) != recorded.get("settings", {}).get(k))

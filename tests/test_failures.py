@@ -426,10 +426,15 @@ def test_eval_json_is_reused_only_when_it_describes_this_sae_data_and_settings(t
     evaluate.main(args + ["--core_tokens=4096"])  # retrained with another seed: same settings, new SAE
     assert calls == ["core"] * 3 and ": SAE file changed" in capsys.readouterr().out
     result = json.loads((run / "k4" / "eval.json").read_text())
+    del result["computed_from"]["core"]["activations"]  # an eval.json from before the one-token reads
+    (run / "k4" / "eval.json").write_text(json.dumps(result))
+    evaluate.main(args + ["--core_tokens=4096"])
+    assert calls == ["core"] * 4 and "the way the LLM activations are computed changed" in capsys.readouterr().out
+    result = json.loads((run / "k4" / "eval.json").read_text())
     del result["computed_from"]  # an eval.json from before the records
     (run / "k4" / "eval.json").write_text(json.dumps(result))
     evaluate.main(args + ["--core_tokens=4096"])
-    assert calls == ["core"] * 4 and "does not record what it was computed from" in capsys.readouterr().out
+    assert calls == ["core"] * 5 and "does not record what it was computed from" in capsys.readouterr().out
 
 
 def test_a_run_still_training_is_refused(tiny, tmp_path, monkeypatch, capsys):

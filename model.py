@@ -186,8 +186,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         k = apply_rotary(k, cos, sin)
         if at is not None:
-            rows = torch.arange(B, device=x.device)
-            q, allowed = q[rows, :, at].unsqueeze(2), allowed[rows, :, at].unsqueeze(2)  # (B, heads, 1, head_dim), (B, 1, 1, T)
+            rows = torch.arange(B, device=x.device)  # q: (B, heads, 1, head_dim), allowed: (B, 1, 1, T)
+            q, allowed = q[rows, :, at].unsqueeze(2), allowed[rows, :, at].unsqueeze(2)
             cos, sin = cos[at, None, None], sin[at, None, None]
         q = apply_rotary(q, cos, sin)
         # GQA: each k/v head serves n_head // n_kv_head consecutive query heads (HF repeat_kv)
@@ -269,9 +269,9 @@ class Transformer(nn.Module):
         self._check_layer(layer)
         if positions is not None:
             positions = torch.as_tensor(positions, device=idx.device)
-            if positions.shape != idx.shape[:1] or not (0 <= positions).all() or not (positions < idx.shape[1]).all():
-                raise ValueError(f"positions must be one index in [0, {idx.shape[1]}) per row of idx, "
-                                 f"got shape {tuple(positions.shape)}")
+            if positions.shape != idx.shape[:1] or ((positions < 0) | (positions >= idx.shape[1])).any():
+                raise ValueError(f"positions must be one index in [0, {idx.shape[1]}) per row of idx "
+                                 f"({len(idx)} rows), got {positions.tolist()}")
             if attention_mask is None:  # the selected queries need the causal mask spelt out
                 attention_mask = torch.ones_like(idx)
         return self._run(self._embed(idx), range(layer + 1), attention_mask, positions)

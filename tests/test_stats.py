@@ -357,6 +357,8 @@ def test_nulls_of_one_width_share_their_directions_and_pool_together():
         alone = ev.null_sae(trained, x, target, seed=1)
         assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), null.state_dict().values()))
         assert alone.cfg == null.cfg and null.cfg["k"] == round(target)
+        theta = sae_lib.calibrate_threshold(null, x, target)[0]  # the null's own pre-activations, sorted and searched
+        assert float(null.threshold) == torch.tensor(theta, dtype=torch.float32).item()
     assert len({float(n.threshold) for n in nulls}) == 3
     counts = torch.tensor([1000, 0, 1500, 500])
     together = ev.mean_pool(x, counts, nulls, batch_tokens=700)  # chunks cross the texts' bounds
